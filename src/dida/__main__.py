@@ -1,0 +1,3 @@
+from dida.cli.main import main
+
+raise SystemExit(main())

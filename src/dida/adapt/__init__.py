@@ -1,0 +1,1 @@
+"""Domain-adaptation pieces: EMA teacher, augmentation, ClassMix, instance bank, losses, methods."""

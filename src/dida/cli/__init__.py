@@ -1,0 +1,1 @@
+"""Command-line entry points: `dida <subcommand>`; one small module per subcommand."""

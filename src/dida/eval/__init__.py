@@ -1,0 +1,1 @@
+"""Metrics, whole and sliding-window inference, dataset evaluation."""

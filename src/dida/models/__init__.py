@@ -1,0 +1,1 @@
+"""MiT encoders, the DAFormer head, the segmentor and weight loading."""
