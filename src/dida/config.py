@@ -1,8 +1,8 @@
 """Typed experiment configuration: dataclasses, YAML loading, dotted overrides, saving.
 
-The dataclass defaults are the paper's GTA→Cityscapes DIDA setting (METHOD.md §2, §3, §7). YAML files
-only hold what differs. Parsing goes through OmegaConf structured configs, so a key that does not exist
-or a value of the wrong type is an error that names the key.
+The dataclass defaults are the paper's GTA→Cityscapes DIDA setting (METHOD.md §2, §3, §7).
+YAML files only hold what differs. Parsing goes through OmegaConf structured configs, so a key
+that does not exist or a value of the wrong type is an error that names the key.
 """
 
 from __future__ import annotations
@@ -194,6 +194,7 @@ class EvalConfig:
 class ExperimentConfig:
     name: str = "gta2cs_dida_mitb5"
     exp: str = "basic"
+    description: str = ""
     work_root: str = "work_dirs"
     model: ModelConfig = field(default_factory=ModelConfig)
     data: DataConfig = field(default_factory=DataConfig)
@@ -228,16 +229,21 @@ def load_config(
         except Exception as err:  # yaml/json syntax errors
             raise ConfigError(f"{path}: cannot parse config: {str(err).splitlines()[0]}") from None
         cfg = _merge(cfg, data, str(path))
-    if overrides:
-        for item in overrides:
-            if "=" not in item:
-                raise ConfigError(f"override '{item}': expected key=value")
-        try:
-            dotlist = OmegaConf.from_dotlist(list(overrides))
-        except OmegaConfBaseException as err:
-            raise ConfigError(f"bad override: {str(err).splitlines()[0]}") from None
-        cfg = _merge(cfg, dotlist, "--set")
-    return cfg
+    return apply_overrides(cfg, overrides or [])
+
+
+def apply_overrides(cfg: ExperimentConfig, overrides: list[str]) -> ExperimentConfig:
+    """Apply `key=value` overrides (dotted keys, YAML values) to a config."""
+    if not overrides:
+        return cfg
+    for item in overrides:
+        if "=" not in item:
+            raise ConfigError(f"override '{item}': expected key=value")
+    try:
+        dotlist = OmegaConf.from_dotlist(list(overrides))
+    except OmegaConfBaseException as err:
+        raise ConfigError(f"bad override: {str(err).splitlines()[0]}") from None
+    return _merge(cfg, dotlist, "--set")
 
 
 def config_to_dict(cfg: ExperimentConfig) -> dict[str, Any]:

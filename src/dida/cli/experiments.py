@@ -1,0 +1,33 @@
+"""`dida experiments`: list the shipped experiment configs."""
+
+from __future__ import annotations
+
+import argparse
+
+NAME = "experiments"
+HELP = "list the shipped experiments (ids for `dida train --exp`)"
+ORDER = 20
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--paths", action="store_true", help="also print each config file's path")
+
+
+def run(args: argparse.Namespace) -> int:
+    from dida.experiments import list_experiments
+
+    rows = []
+    for e in list_experiments():
+        c = e.config
+        pair = f"{c.data.source.kind}->{c.data.target.kind}"
+        rows.append((e.exp, c.method.name, pair, c.model.variant, str(c.train.seed), c.name))
+    header = ("exp", "method", "source->target", "model", "seed", "name")
+    widths = [max(len(r[i]) for r in [header, *rows]) for i in range(len(header))]
+    for row in [header, *rows]:
+        print("  ".join(cell.ljust(w) for cell, w in zip(row, widths, strict=True)).rstrip())
+    if args.paths:
+        print()
+        for e in list_experiments():
+            print(f"{e.exp}: {e.path}")
+    print("\ntrain one with `dida train --exp ID [--set key=value ...]`")
+    return 0

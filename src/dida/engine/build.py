@@ -1,0 +1,102 @@
+"""Builds the method module of a config: student, pretrained weights, frozen ImageNet encoder, bank.
+
+This is the engine's side of model construction, so all file reading (weights, bank files) is here.
+"""
+
+from __future__ import annotations
+
+import copy
+import logging
+from pathlib import Path
+
+import torch
+
+from dida.config import ExperimentConfig
+from dida.errors import UserError
+
+log = logging.getLogger("dida.train")
+
+METHODS = ("source_only", "daformer", "dida")
+
+
+def check_inputs(cfg: ExperimentConfig) -> None:
+    """Fail early, before any long work, on settings that cannot run."""
+    if cfg.method.name not in METHODS:
+        raise UserError(f"method.name: '{cfg.method.name}' is not one of {', '.join(METHODS)}")
+    pretrained = cfg.model.pretrained
+    if pretrained and _looks_like_path(pretrained) and not Path(pretrained).exists():
+        from dida.models.weights import missing_weights_message
+
+        raise UserError(missing_weights_message(pretrained))
+    bank = cfg.method.bank
+    if cfg.method.name == "dida" and bank.init == "file":
+        if not bank.init_path or not Path(bank.init_path).exists():
+            raise UserError(
+                f"method.bank.init_path: '{bank.init_path}' not found (needed by bank.init=file)"
+            )
+
+
+def _looks_like_path(source: str) -> bool:
+    """A hub id is `owner/name` without a file suffix and not present on disk."""
+    if Path(source).exists() or source.endswith((".pth", ".pt", ".bin", ".safetensors")):
+        return True
+    return source.count("/") != 1 or source.startswith((".", "/"))
+
+
+def build_method(
+    cfg: ExperimentConfig,
+    train_set,
+    device: torch.device,
+    rank: int = 0,  # noqa: ANN001
+) -> torch.nn.Module:
+    """The method module of `cfg.method.name`, on `device`, with its own seeded torch generator."""
+    from dida.adapt.daformer import DAFormer, SourceOnly
+    from dida.models import load_pretrained, segmentor_from_config
+
+    num_classes = cfg.model.num_classes
+    classes = getattr(train_set, "classes", None)
+    if classes is not None and len(classes) != num_classes:
+        raise UserError(
+            f"model.num_classes is {num_classes} but the dataset has {len(classes)} classes"
+        )
+    student = segmentor_from_config(cfg.model)
+    imnet = None
+    if cfg.model.pretrained:
+        report = load_pretrained(student.encoder, cfg.model.pretrained)
+        log.info("loaded encoder weights from %s (%s)", cfg.model.pretrained, report)
+        if cfg.method.feat_dist.enabled:
+            imnet = copy.deepcopy(student.encoder)
+    elif cfg.method.feat_dist.enabled:
+        log.warning("no pretrained weights: the ImageNet feature distance is switched off")
+    generator = torch.Generator(device=device)
+    generator.manual_seed(cfg.train.seed * 1000 + rank)
+    from dida.data.transforms import IMG_MEAN, IMG_STD
+
+    kwargs = dict(
+        num_classes=num_classes, imnet_encoder=imnet, generator=generator,
+        img_mean=tuple(float(v) for v in IMG_MEAN), img_std=tuple(float(v) for v in IMG_STD),
+    )  # fmt: skip
+    if cfg.method.name == "source_only":
+        method = SourceOnly(student, cfg.method, **kwargs)
+    elif cfg.method.name == "daformer":
+        method = DAFormer(student, cfg.method, **kwargs)
+    else:
+        from dida.adapt.dida import DIDA
+
+        method = DIDA(student, cfg.method, embed_dim=cfg.model.embed_dim, **kwargs)
+        _init_bank(method, cfg)
+    return method.to(device).train()
+
+
+def _init_bank(method, cfg: ExperimentConfig) -> None:  # noqa: ANN001
+    from dida.adapt.instance_bank import read_bank_file
+
+    bank_cfg = cfg.method.bank
+    if bank_cfg.init == "file":
+        feats, labels = read_bank_file(bank_cfg.init_path)
+        method.bank.load_(feats, labels)
+        log.info("instance bank loaded from %s", bank_cfg.init_path)
+    elif bank_cfg.init == "random":
+        method.bank.init_random_(method.generator)
+    elif bank_cfg.init != "online":
+        raise UserError(f"method.bank.init: '{bank_cfg.init}' is not one of online, random, file")

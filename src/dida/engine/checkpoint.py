@@ -1,0 +1,116 @@
+"""Training checkpoints: one dict per file, written atomically, read with `weights_only=True`.
+
+Layout: format, version, config (dict), iteration (the next iteration to run), student, teacher,
+method (other method state such as the instance bank), optimizer, scaler, rng (python, numpy, torch,
+cuda, method generator). `latest.pth` is replaced atomically; `iter_<N>.pth` are periodic keeps.
+"""
+
+from __future__ import annotations
+
+import os
+import random
+import re
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from dida.errors import CheckpointError
+
+FORMAT = "dida"
+VERSION = 1
+
+
+def atomic_save(obj: Any, path: str | Path) -> None:
+    """torch.save to a temp file in the same folder, fsync, then rename over `path`."""
+    path = Path(path)
+    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
+    try:
+        with open(tmp, "wb") as f:
+            torch.save(obj, f)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    finally:
+        if tmp.exists():
+            tmp.unlink()
+
+
+def load_checkpoint(path: str | Path, map_location: str | torch.device = "cpu") -> dict:
+    """Read one of our checkpoints; errors name the file and what was expected."""
+    path = Path(path)
+    if not path.is_file():
+        raise CheckpointError(f"{path}: checkpoint not found")
+    try:
+        ckpt = torch.load(path, map_location=map_location, weights_only=True)
+    except Exception as err:
+        raise CheckpointError(
+            f"{path}: cannot read checkpoint ({type(err).__name__}: {str(err).splitlines()[0]})"
+        ) from None
+    if not isinstance(ckpt, dict) or ckpt.get("format") != FORMAT:
+        raise CheckpointError(f"{path}: not a dida training checkpoint (no format='dida' entry)")
+    return ckpt
+
+
+def rng_state(generator: torch.Generator | None = None) -> dict:
+    np_state = np.random.get_state(legacy=False)
+    state = {
+        "python": list(random.getstate()[1]),
+        "python_version": random.getstate()[0],
+        "numpy": {
+            "key": torch.from_numpy(np_state["state"]["key"].astype(np.int64)),
+            "pos": int(np_state["state"]["pos"]),
+        },
+        "torch": torch.get_rng_state(),
+    }
+    if torch.cuda.is_available():
+        state["cuda"] = torch.cuda.get_rng_state_all()
+    if generator is not None:
+        state["generator"] = generator.get_state()
+    return state
+
+
+def set_rng_state(state: dict, generator: torch.Generator | None = None) -> None:
+    random.setstate((state["python_version"], tuple(state["python"]), None))
+    np.random.set_state(
+        {
+            "bit_generator": "MT19937",
+            "state": {
+                "key": state["numpy"]["key"].numpy().astype(np.uint32),
+                "pos": state["numpy"]["pos"],
+            },
+            "has_gauss": 0,
+            "gauss": 0.0,
+        }
+    )
+    torch.set_rng_state(state["torch"])
+    if "cuda" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state["cuda"])
+    if generator is not None and "generator" in state:
+        generator.set_state(state["generator"])
+
+
+def find_latest(run_dir: str | Path) -> Path | None:
+    """`latest.pth` if present, else the `iter_<N>.pth` with the largest N."""
+    run_dir = Path(run_dir)
+    latest = run_dir / "latest.pth"
+    if latest.is_file():
+        return latest
+    iters = sorted(
+        (int(m.group(1)), p)
+        for p in run_dir.glob("iter_*.pth")
+        if (m := re.fullmatch(r"iter_(\d+)\.pth", p.name))
+    )
+    return iters[-1][1] if iters else None
+
+
+def prune_checkpoints(run_dir: str | Path, keep: int) -> None:
+    """Keep the newest `keep` periodic `iter_<N>.pth` files."""
+    iters = sorted(
+        (int(m.group(1)), p)
+        for p in Path(run_dir).glob("iter_*.pth")
+        if (m := re.fullmatch(r"iter_(\d+)\.pth", p.name))
+    )
+    for _, path in iters[: max(0, len(iters) - keep)]:
+        path.unlink(missing_ok=True)

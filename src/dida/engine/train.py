@@ -1,0 +1,279 @@
+"""The training loop: setup, precision, DDP, schedule, step, checkpoints, evaluation, logging.
+
+`train(cfg, run_dir)` is the only entry point. The method module (`adapt/`) owns the step's content;
+this loop owns everything around it: devices, I/O, optimizer, LR, checkpoints and resume.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import math
+import signal
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import torch
+from torch.utils.data import DataLoader, Sampler
+
+from dida.config import ExperimentConfig, config_to_dict, save_config
+from dida.engine import checkpoint as ckpt_io
+from dida.engine.build import build_method, check_inputs
+from dida.engine.distributed import DistInfo, barrier, cleanup, init_distributed
+from dida.engine.logging import MetricWriter, format_duration, setup_logging
+from dida.engine.optim import build_optimizer, set_lr
+from dida.errors import UserError
+
+log = logging.getLogger("dida.train")
+
+
+class TrainingDiverged(UserError):
+    """A loss became NaN or infinite; the last good checkpoint is kept."""
+
+
+class StreamSampler(Sampler[int]):
+    """Yields the global sample indices of one rank: `(start + n) * world + rank`, n = 0, 1, ...
+
+    With `UDADataset.__getitem__(i)` a pure function of (seed, i), this makes the data stream exact
+    under resume and independent of the number of loader workers.
+    """
+
+    def __init__(self, start: int, rank: int, world_size: int) -> None:
+        self.start, self.rank, self.world_size = start, rank, world_size
+
+    def __iter__(self) -> Iterator[int]:
+        n = self.start
+        while True:
+            yield n * self.world_size + self.rank
+            n += 1
+
+    def __len__(self) -> int:  # DataLoader asks; the stream is endless
+        return 2**62
+
+
+def resolve_device(name: str, dist_info: DistInfo | None = None) -> torch.device:
+    if name == "auto":
+        name = "cuda" if torch.cuda.is_available() else "cpu"
+    device = torch.device(name)
+    if device.type == "cuda" and dist_info is not None and dist_info.enabled:
+        device = torch.device("cuda", dist_info.local_rank)
+    return device
+
+
+def resolve_precision(name: str, device: torch.device) -> torch.dtype:
+    if name == "auto":
+        use_bf16 = device.type == "cuda" and torch.cuda.is_bf16_supported()
+        return torch.bfloat16 if use_bf16 else torch.float32
+    table = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
+    if name not in table:
+        raise UserError(f"train.precision: '{name}' is not one of auto, fp32, bf16, fp16")
+    return table[name]
+
+
+class _StopRequest:
+    """First Ctrl-C: finish the current iteration, checkpoint, exit. Second: stop at once."""
+
+    def __init__(self) -> None:
+        self.requested = False
+        self._previous = None
+
+    def __enter__(self) -> _StopRequest:
+        with contextlib.suppress(ValueError):  # not in the main thread
+            self._previous = signal.signal(signal.SIGINT, self._handle)
+        return self
+
+    def _handle(self, signum, frame) -> None:  # noqa: ANN001
+        if self.requested:
+            raise KeyboardInterrupt
+        self.requested = True
+        log.warning(
+            "interrupt: finishing this iteration, then writing a checkpoint (again to abort)"
+        )
+
+    def __exit__(self, *exc) -> None:
+        if self._previous is not None:
+            signal.signal(signal.SIGINT, self._previous)
+
+
+def _save(run_dir: Path, state: dict, iteration: int, keep: int, periodic: bool) -> None:
+    ckpt_io.atomic_save(state, run_dir / "latest.pth")
+    if periodic:
+        ckpt_io.atomic_save(state, run_dir / f"iter_{iteration}.pth")
+        ckpt_io.prune_checkpoints(run_dir, keep)
+
+
+def train(cfg: ExperimentConfig, run_dir: Path, resume: str | None = None) -> dict:
+    """Train `cfg` into `run_dir`; returns the last evaluation's numbers (empty if none ran)."""
+    tcfg = cfg.train
+    device = resolve_device(tcfg.device)
+    dist_info = init_distributed(device.type)
+    device = resolve_device(tcfg.device, dist_info)
+    if dist_info.is_main:
+        run_dir.mkdir(parents=True, exist_ok=True)
+        save_config(cfg, run_dir / f"{cfg.name}.json")
+    barrier()
+    setup_logging(run_dir / "train.log", dist_info.is_main)
+    dtype = resolve_precision(tcfg.precision, device)
+    torch.manual_seed(tcfg.seed + dist_info.rank)
+    check_inputs(cfg)
+    train_set, val_set = _build_data(cfg)
+    method = build_method(cfg, train_set, device, rank=dist_info.rank)
+    student = method.student
+    if dist_info.enabled:
+        ddp = torch.nn.parallel.DistributedDataParallel(
+            student, device_ids=[device.index] if device.type == "cuda" else None
+        )
+        method.set_student_forward(ddp)
+    elif tcfg.compile:
+        method.set_student_forward(torch.compile(student))
+    optimizer = build_optimizer(student, cfg.optim)
+    scaler = torch.amp.GradScaler(device.type, enabled=dtype == torch.float16)
+    start = _maybe_resume(resume, run_dir, method, optimizer, scaler, device)
+    writer = MetricWriter(run_dir, tcfg.tensorboard, enabled=dist_info.is_main)
+    log.info(
+        "training %s (%s) on %s, %s, %d process(es), iterations %d -> %d, run dir %s",
+        cfg.name, cfg.method.name, device, str(dtype).removeprefix("torch."),
+        dist_info.world_size, start, tcfg.max_iters, run_dir,
+    )  # fmt: skip
+    loader = _train_loader(cfg, train_set, start, dist_info)
+    result: dict = {}
+
+    def backward(loss: torch.Tensor) -> None:
+        scaler.scale(loss).backward()
+
+    def state(iteration: int) -> dict:
+        return _checkpoint_state(cfg, iteration, method, optimizer, scaler)
+
+    iteration = start
+    t_start, t_window, n_window = time.perf_counter(), time.perf_counter(), 0
+    with _StopRequest() as stop:
+        for iteration, batch in zip(range(start, tcfg.max_iters), loader, strict=False):
+            batch = {k: v.to(device, non_blocking=True) for k, v in batch.items()}
+            lr = set_lr(optimizer, iteration, cfg.optim, tcfg.max_iters)
+            optimizer.zero_grad(set_to_none=True)
+            method.update_teacher(iteration)
+            want_images = tcfg.debug_interval > 0 and iteration % tcfg.debug_interval == 0
+            with torch.autocast(device.type, dtype=dtype, enabled=dtype != torch.float32):
+                step = method.forward_backward(batch, iteration, backward, want_images)
+            _check_finite(step.losses, iteration)
+            scaler.step(optimizer)
+            scaler.update()
+            done = iteration + 1
+            n_window += 1
+            if dist_info.is_main and (done % tcfg.log_interval == 0 or done == tcfg.max_iters):
+                speed = n_window / (time.perf_counter() - t_window)
+                eta = (tcfg.max_iters - done) / max(speed, 1e-9)
+                losses = " ".join(f"{k} {v:.4f}" for k, v in step.losses.items())
+                log.info(
+                    "iter %d/%d  %.2f it/s  eta %s  lr %.3g  %s",
+                    done,
+                    tcfg.max_iters,
+                    speed,
+                    format_duration(eta),
+                    lr,
+                    losses,
+                )
+                writer.write(done, "train", {"lr": lr, "it_per_s": speed, **step.losses})
+                t_window, n_window = time.perf_counter(), 0
+            if dist_info.is_main and step.images:
+                _write_debug(run_dir, done, step.images, cfg)
+            is_last = done == tcfg.max_iters
+            if dist_info.is_main and (is_last or done % tcfg.checkpoint_interval == 0):
+                _save(run_dir, state(done), done, tcfg.keep_checkpoints, periodic=True)
+            if tcfg.eval_interval > 0 and (is_last or done % tcfg.eval_interval == 0):
+                result = _evaluate(cfg, method, val_set, device, done, writer, dist_info)
+            if stop.requested:
+                if dist_info.is_main:
+                    _save(run_dir, state(done), done, tcfg.keep_checkpoints, periodic=False)
+                log.warning("stopped at iteration %d; resume with --resume %s", done, run_dir)
+                break
+    log.info("finished in %s", format_duration(time.perf_counter() - t_start))
+    writer.close()
+    barrier()
+    cleanup()
+    return result
+
+
+def _build_data(cfg: ExperimentConfig) -> tuple:
+    from dida.data.uda import build_train_dataset, build_val_dataset
+
+    train_set = build_train_dataset(cfg.data, seed=cfg.train.seed)
+    val_set = None
+    if cfg.train.eval_interval > 0:
+        val_set = build_val_dataset(cfg.data.val, cfg.eval.scale)
+    return train_set, val_set
+
+
+def _train_loader(cfg: ExperimentConfig, dataset, start: int, dist_info: DistInfo) -> DataLoader:
+    batch = cfg.data.batch_size
+    sampler = StreamSampler(start * batch, dist_info.rank, dist_info.world_size)
+    workers = cfg.data.num_workers
+    return DataLoader(
+        dataset, batch_size=batch, sampler=sampler, num_workers=workers, drop_last=True,
+        pin_memory=torch.cuda.is_available(), persistent_workers=workers > 0,
+        prefetch_factor=2 if workers > 0 else None,
+    )  # fmt: skip
+
+
+def _maybe_resume(resume, run_dir, method, optimizer, scaler, device) -> int:  # noqa: ANN001
+    if resume is None:
+        return 0
+    path = ckpt_io.find_latest(run_dir) if resume == "auto" else Path(resume)
+    if path is None:
+        log.info("--resume auto: no checkpoint in %s, starting from scratch", run_dir)
+        return 0
+    ckpt = ckpt_io.load_checkpoint(path, map_location=device)
+    method.load_training_state(ckpt)
+    optimizer.load_state_dict(ckpt["optimizer"])
+    if ckpt.get("scaler"):
+        scaler.load_state_dict(ckpt["scaler"])
+    ckpt_io.set_rng_state(ckpt["rng"], method.generator)
+    log.info("resumed from %s at iteration %d", path, ckpt["iteration"])
+    return int(ckpt["iteration"])
+
+
+def _checkpoint_state(cfg, iteration, method, optimizer, scaler) -> dict:  # noqa: ANN001
+    return {
+        "format": ckpt_io.FORMAT,
+        "version": ckpt_io.VERSION,
+        "config": config_to_dict(cfg),
+        "iteration": iteration,
+        **method.training_state(),
+        "optimizer": optimizer.state_dict(),
+        "scaler": scaler.state_dict(),
+        "rng": ckpt_io.rng_state(method.generator),
+    }
+
+
+def _check_finite(losses: dict[str, float], iteration: int) -> None:
+    for name, value in losses.items():
+        if not math.isfinite(value):
+            raise TrainingDiverged(
+                f"loss '{name}' is {value} at iteration {iteration}; stopped, the last good "
+                "checkpoint is kept (try a lower optim.lr or train.precision=fp32)"
+            )
+
+
+def _evaluate(cfg, method, val_set, device, iteration, writer, dist_info) -> dict:  # noqa: ANN001
+    from dida.eval.evaluate import evaluate, format_results
+
+    if val_set is None:
+        return {}
+    ecfg = cfg.eval
+    result = evaluate(
+        method.student, val_set, num_classes=cfg.model.num_classes, mode=ecfg.mode,
+        crop_size=ecfg.crop_size, stride=ecfg.stride, device=device, subsets=ecfg.subsets or None,
+        class_names=list(val_set.classes), progress=False,
+    )  # fmt: skip
+    method.student.train()
+    if dist_info.is_main:
+        log.info("evaluation at iteration %d\n%s", iteration, format_results(result))
+        writer.write(iteration, "val", result)
+    return result
+
+
+def _write_debug(run_dir: Path, iteration: int, images: dict, cfg: ExperimentConfig) -> None:
+    from dida.engine.debug_vis import write_debug_panel
+
+    write_debug_panel(run_dir / "debug", iteration, images, cfg.model.num_classes)
