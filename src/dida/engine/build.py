@@ -97,6 +97,6 @@ def _init_bank(method, cfg: ExperimentConfig) -> None:  # noqa: ANN001
         method.bank.load_(feats, labels)
         log.info("instance bank loaded from %s", bank_cfg.init_path)
     elif bank_cfg.init == "random":
-        method.bank.init_random_(method.generator)
+        method.bank.init_random_(torch.Generator().manual_seed(cfg.train.seed))
     elif bank_cfg.init != "online":
         raise UserError(f"method.bank.init: '{bank_cfg.init}' is not one of online, random, file")

@@ -5,18 +5,17 @@ from __future__ import annotations
 
 from pathlib import Path
 
-import cv2
 import numpy as np
 import torch
 
 from dida.data.transforms import IMG_MEAN, IMG_STD
-from dida.viz import colorize, make_panel
+from dida.viz import colorize, make_panel, write_rgb
 
 ORDER = ("src_img", "src_label", "src_pred", "tgt_img", "pseudo_label", "mix_mask", "mixed_img",
          "mixed_label", "pseudo_weight")  # fmt: skip
 
 
-def _to_rgb(name: str, tensor: torch.Tensor, num_classes: int) -> np.ndarray:
+def _to_rgb(name: str, tensor: torch.Tensor) -> np.ndarray:
     t = tensor.detach().float().cpu()
     if t.dim() == 3:  # image [3, H, W], normalised
         mean = torch.tensor(IMG_MEAN, dtype=torch.float32).view(3, 1, 1)
@@ -25,21 +24,19 @@ def _to_rgb(name: str, tensor: torch.Tensor, num_classes: int) -> np.ndarray:
     if name in ("mix_mask", "pseudo_weight"):  # [H, W] in [0, 1]
         grey = (t.clamp(0, 1) * 255).byte().numpy()
         return np.repeat(grey[..., None], 3, axis=2)
-    return colorize(t.long().numpy(), num_classes)
+    return colorize(t.long().numpy())
 
 
-def write_debug_panel(
-    out_dir: Path, iteration: int, images: dict[str, torch.Tensor], num_classes: int
-) -> list[Path]:
+def write_debug_panel(out_dir: Path, iteration: int, images: dict[str, torch.Tensor]) -> list[Path]:
     """Write `<out_dir>/<iteration:06d>_<b>.png` for each batch image; returns the paths."""
     out_dir.mkdir(parents=True, exist_ok=True)
     names = [n for n in ORDER if n in images]
     batch = images[names[0]].shape[0]
     paths = []
     for b in range(batch):
-        tiles = [_to_rgb(n, images[n][b], num_classes) for n in names]
+        tiles = [_to_rgb(n, images[n][b]) for n in names]
         panel = make_panel(tiles, names)
         path = out_dir / f"{iteration:06d}_{b}.png"
-        cv2.imwrite(str(path), cv2.cvtColor(panel, cv2.COLOR_RGB2BGR))
+        write_rgb(path, panel)
         paths.append(path)
     return paths

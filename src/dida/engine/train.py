@@ -11,7 +11,7 @@ import logging
 import math
 import signal
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import torch
@@ -103,8 +103,16 @@ def _save(run_dir: Path, state: dict, iteration: int, keep: int, periodic: bool)
         ckpt_io.prune_checkpoints(run_dir, keep)
 
 
-def train(cfg: ExperimentConfig, run_dir: Path, resume: str | None = None) -> dict:
-    """Train `cfg` into `run_dir`; returns the last evaluation's numbers (empty if none ran)."""
+def train(
+    cfg: ExperimentConfig,
+    run_dir: Path,
+    resume: str | None = None,
+    on_finish: Callable[[torch.nn.Module], None] | None = None,
+) -> dict:
+    """Train `cfg` into `run_dir`; returns the last evaluation's numbers (empty if none ran).
+
+    `on_finish(method)` runs on every rank before the process group closes (tests use it).
+    """
     tcfg = cfg.train
     device = resolve_device(tcfg.device)
     dist_info = init_distributed(device.type)
@@ -177,7 +185,7 @@ def train(cfg: ExperimentConfig, run_dir: Path, resume: str | None = None) -> di
                 writer.write(done, "train", {"lr": lr, "it_per_s": speed, **step.losses})
                 t_window, n_window = time.perf_counter(), 0
             if dist_info.is_main and step.images:
-                _write_debug(run_dir, done, step.images, cfg)
+                _write_debug(run_dir, done, step.images)
             is_last = done == tcfg.max_iters
             if dist_info.is_main and (is_last or done % tcfg.checkpoint_interval == 0):
                 _save(run_dir, state(done), done, tcfg.keep_checkpoints, periodic=True)
@@ -190,6 +198,8 @@ def train(cfg: ExperimentConfig, run_dir: Path, resume: str | None = None) -> di
                 break
     log.info("finished in %s", format_duration(time.perf_counter() - t_start))
     writer.close()
+    if on_finish is not None:
+        on_finish(method)
     barrier()
     cleanup()
     return result
@@ -209,10 +219,13 @@ def _train_loader(cfg: ExperimentConfig, dataset, start: int, dist_info: DistInf
     batch = cfg.data.batch_size
     sampler = StreamSampler(start * batch, dist_info.rank, dist_info.world_size)
     workers = cfg.data.num_workers
+    # the loader's own generator keeps iterator creation from drawing on the global torch RNG,
+    # which a resumed run restores before the loader starts
+    generator = torch.Generator().manual_seed(cfg.train.seed)
     return DataLoader(
         dataset, batch_size=batch, sampler=sampler, num_workers=workers, drop_last=True,
         pin_memory=torch.cuda.is_available(), persistent_workers=workers > 0,
-        prefetch_factor=2 if workers > 0 else None,
+        prefetch_factor=2 if workers > 0 else None, generator=generator,
     )  # fmt: skip
 
 
@@ -256,7 +269,8 @@ def _check_finite(losses: dict[str, float], iteration: int) -> None:
 
 
 def _evaluate(cfg, method, val_set, device, iteration, writer, dist_info) -> dict:  # noqa: ANN001
-    from dida.eval.evaluate import evaluate, format_results
+    from dida.eval.evaluate import evaluate
+    from dida.eval.metrics import format_results, to_jsonable
 
     if val_set is None:
         return {}
@@ -269,11 +283,11 @@ def _evaluate(cfg, method, val_set, device, iteration, writer, dist_info) -> dic
     method.student.train()
     if dist_info.is_main:
         log.info("evaluation at iteration %d\n%s", iteration, format_results(result))
-        writer.write(iteration, "val", result)
+        writer.write(iteration, "val", to_jsonable(result))
     return result
 
 
-def _write_debug(run_dir: Path, iteration: int, images: dict, cfg: ExperimentConfig) -> None:
+def _write_debug(run_dir: Path, iteration: int, images: dict) -> None:
     from dida.engine.debug_vis import write_debug_panel
 
-    write_debug_panel(run_dir / "debug", iteration, images, cfg.model.num_classes)
+    write_debug_panel(run_dir / "debug", iteration, images)

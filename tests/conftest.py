@@ -1,0 +1,77 @@
+"""Shared pytest setup: `slow` tests run only with --runslow (CI passes it when time allows)."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import pytest
+import torch
+
+SHARED_DATA = Path(__file__).resolve().parents[2] / "shared" / "data"
+
+
+def pytest_addoption(parser: pytest.Parser) -> None:
+    parser.addoption("--runslow", action="store_true", help="also run tests marked slow")
+
+
+def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
+    if config.getoption("--runslow") or os.environ.get("RUN_SLOW") == "1":
+        return
+    skip = pytest.mark.skip(reason="slow: run with --runslow")
+    for item in items:
+        if "slow" in item.keywords:
+            item.add_marker(skip)
+
+
+@pytest.fixture(autouse=True)
+def _deterministic_threads() -> None:
+    torch.manual_seed(0)
+
+
+@pytest.fixture(scope="session")
+def tiny_uda_root(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A tiny GTA-format source and Cityscapes-format target (train + val), converted."""
+    from dida.cli.main import main
+    from dida.data.synthetic import make_cityscapes, make_gta
+
+    root = tmp_path_factory.mktemp("uda")
+    make_gta(root / "gta", 6, size=(72, 96), seed=1)
+    make_cityscapes(root / "cityscapes", 4, size=(64, 128), seed=2)
+    assert main(["convert", "gta", str(root / "gta"), "--nproc", "1"]) == 0
+    assert main(["convert", "cityscapes", str(root / "cityscapes"), "--nproc", "1"]) == 0
+    return root
+
+
+def tiny_overrides(root: Path, method: str = "daformer", iters: int = 4) -> list[str]:
+    """`--set` overrides that make any experiment run in seconds on the CPU."""
+    return [
+        f"method.name={method}",
+        "model.variant=mit_b0",
+        "model.embed_dim=16",
+        "model.pretrained=null",
+        "model.dilations=[1,2]",
+        f"data.source.root={root / 'gta'}",
+        "data.source.scale=[96,72]",
+        f"data.target.root={root / 'cityscapes'}",
+        "data.target.scale=[128,64]",
+        f"data.val.root={root / 'cityscapes'}",
+        "data.val.scale=[128,64]",
+        "data.crop_size=[48,48]",
+        "data.num_workers=0",
+        "data.rcs.min_pixels=100",
+        "method.teacher.ignore_top=2",
+        "method.teacher.ignore_bottom=4",
+        "method.feat_dist.enabled=false",
+        "method.bank.size=12",
+        "method.bank.update_interval=2",
+        f"train.max_iters={iters}",
+        "train.log_interval=1",
+        "train.checkpoint_interval=2",
+        "train.eval_interval=0",
+        "train.debug_interval=0",
+        "train.tensorboard=false",
+        "train.device=cpu",
+        "optim.warmup_iters=2",
+        "eval.scale=[128,64]",
+    ]

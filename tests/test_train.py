@@ -1,0 +1,144 @@
+"""The training engine end to end on tiny synthetic data: train → test, exact resume, stops, DDP."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import socket
+from pathlib import Path
+
+import pytest
+import torch
+import torch.multiprocessing as mp
+from conftest import tiny_overrides
+
+from dida.cli.main import main
+from dida.config import load_config
+from dida.engine.checkpoint import load_checkpoint
+from dida.engine.train import TrainingDiverged, train
+from dida.experiments import find_experiment
+
+
+def _cfg(root: Path, method: str, iters: int, extra: list[str] | None = None):  # noqa: ANN202
+    return load_config(find_experiment("7").path, tiny_overrides(root, method, iters) + (extra or []))
+
+
+def _states(ckpt: dict) -> dict[str, torch.Tensor]:
+    flat = {f"student.{k}": v for k, v in ckpt["student"].items()}
+    flat |= {f"teacher.{k}": v for k, v in ckpt.get("teacher", {}).items()}
+    flat |= {f"bank.{k}": v for k, v in ckpt.get("method", {}).get("bank", {}).items()}
+    return flat
+
+
+def test_train_then_test_end_to_end(tiny_uda_root: Path, tmp_path: Path) -> None:
+    run_dir = tmp_path / "run"
+    args = ["train", "--exp", "7", "--work-dir", str(run_dir)]
+    for item in tiny_overrides(tiny_uda_root, "dida", 4) + ["train.eval_interval=4",
+                                                               "train.debug_interval=2"]:
+        args += ["--set", item]
+    assert main(args) == 0
+    cfg_file = run_dir / "gta2cs_dida_mitb5_s0.json"
+    assert json.loads(cfg_file.read_text())["method"]["name"] == "dida"
+    assert {"latest.pth", "iter_2.pth", "iter_4.pth", "metrics.jsonl", "train.log"} <= {
+        p.name for p in run_dir.iterdir()
+    }
+    records = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+    assert [r["iter"] for r in records if r["kind"] == "train"] == [1, 2, 3, 4]
+    val = [r for r in records if r["kind"] == "val"]
+    assert len(val) == 1 and 0.0 <= val[0]["mIoU"] <= 1.0
+    assert sorted(p.name for p in (run_dir / "debug").iterdir()) == [
+        "000001_0.png", "000001_1.png", "000003_0.png", "000003_1.png"
+    ]  # fmt: skip
+    ckpt = load_checkpoint(run_dir / "latest.pth")
+    assert ckpt["iteration"] == 4 and "bank" in ckpt["method"]
+    assert main(["test", str(run_dir)]) == 0
+
+
+def _interrupt_at(monkeypatch: pytest.MonkeyPatch, stop_iteration: int) -> None:
+    """Make the method send SIGINT (Ctrl-C) to this process during `stop_iteration`."""
+    from dida.adapt.daformer import DAFormer
+
+    original = DAFormer.forward_backward
+
+    def interrupted(self, batch, iteration, backward, want_images):  # noqa: ANN001, ANN202
+        if iteration == stop_iteration:
+            os.kill(os.getpid(), signal.SIGINT)
+        return original(self, batch, iteration, backward, want_images)
+
+    monkeypatch.setattr(DAFormer, "forward_backward", interrupted)
+
+
+def test_resume_is_exact(
+    tiny_uda_root: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    cfg = _cfg(tiny_uda_root, "dida", 6, ["train.checkpoint_interval=100"])
+    train(cfg, tmp_path / "full")
+    with monkeypatch.context() as patch:
+        _interrupt_at(patch, 2)  # Ctrl-C during iteration 2: checkpoint after 3 iterations
+        train(cfg, tmp_path / "part")
+    assert load_checkpoint(tmp_path / "part" / "latest.pth")["iteration"] == 3
+    train(cfg, tmp_path / "part", resume="auto")
+    full = _states(load_checkpoint(tmp_path / "full" / "latest.pth"))
+    part = _states(load_checkpoint(tmp_path / "part" / "latest.pth"))
+    assert full.keys() == part.keys() and any(k.startswith("bank.") for k in full)
+    for key in full:
+        assert torch.allclose(full[key].float(), part[key].float(), atol=1e-6, rtol=0), key
+
+
+def test_nan_loss_stops_and_keeps_last_checkpoint(
+    tiny_uda_root: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from dida.adapt.daformer import DAFormer
+
+    original = DAFormer.forward_backward
+
+    def poisoned(self, batch, iteration, backward, want_images):  # noqa: ANN001, ANN202
+        step = original(self, batch, iteration, backward, want_images)
+        if iteration == 2:
+            step.losses["mix.loss_seg"] = float("nan")
+        return step
+
+    monkeypatch.setattr(DAFormer, "forward_backward", poisoned)
+    with pytest.raises(TrainingDiverged, match="mix.loss_seg"):
+        train(_cfg(tiny_uda_root, "daformer", 6), tmp_path)
+    assert load_checkpoint(tmp_path / "latest.pth")["iteration"] == 2
+
+
+def test_interrupt_writes_checkpoint_and_exits(
+    tiny_uda_root: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    _interrupt_at(monkeypatch, 1)
+    train(_cfg(tiny_uda_root, "daformer", 10, ["train.checkpoint_interval=100"]), tmp_path)
+    assert load_checkpoint(tmp_path / "latest.pth")["iteration"] == 2
+    assert not list(tmp_path.glob("iter_*.pth"))
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _ddp_worker(rank: int, world: int, port: int, root: str, out: str) -> None:
+    os.environ.update(RANK=str(rank), WORLD_SIZE=str(world), LOCAL_RANK=str(rank),
+                      MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))  # fmt: skip
+    torch.set_num_threads(1)
+    cfg = _cfg(Path(root), "dida", 4)
+
+    def dump(method: torch.nn.Module) -> None:
+        torch.save({k: v.detach().cpu() for k, v in method.state_dict().items()},
+                   Path(out) / f"rank{rank}.pt")  # fmt: skip
+
+    train(cfg, Path(out) / "run", on_finish=dump)
+
+
+def test_two_process_gloo_run_keeps_ranks_identical(tiny_uda_root: Path, tmp_path: Path) -> None:
+    mp.start_processes(_ddp_worker, args=(2, _free_port(), str(tiny_uda_root), str(tmp_path)),
+                       nprocs=2, join=True, start_method="spawn")  # fmt: skip
+    r0 = torch.load(tmp_path / "rank0.pt", weights_only=True)
+    r1 = torch.load(tmp_path / "rank1.pt", weights_only=True)
+    assert any(k.startswith("bank.") for k in r0) and any(k.startswith("teacher.") for k in r0)
+    for key in r0:
+        assert torch.equal(r0[key], r1[key]), key
+    assert load_checkpoint(tmp_path / "run" / "latest.pth")["iteration"] == 4
