@@ -58,6 +58,19 @@ def broadcast_module_(module: torch.nn.Module, src: int = 0) -> None:
         dist.broadcast(tensor.data, src)
 
 
+def broadcast_buffers_(module: torch.nn.Module, src: int = 0) -> None:
+    """Make every rank's buffers (BatchNorm running statistics) equal to rank `src`'s.
+
+    DDP broadcasts buffers at the start of each forward, but the forward itself then updates them
+    from each rank's own batch: call this before anything reads them (teacher EMA, evaluation,
+    checkpoints) so that every rank holds the same model.
+    """
+    if not (dist.is_available() and dist.is_initialized()):
+        return
+    for tensor in module.buffers():
+        dist.broadcast(tensor.data, src)
+
+
 def cleanup() -> None:
     if dist.is_available() and dist.is_initialized():
         dist.destroy_process_group()

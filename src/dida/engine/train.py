@@ -20,7 +20,13 @@ from torch.utils.data import DataLoader, Sampler
 from dida.config import ExperimentConfig, config_to_dict, save_config
 from dida.engine import checkpoint as ckpt_io
 from dida.engine.build import build_method, check_inputs
-from dida.engine.distributed import DistInfo, barrier, cleanup, init_distributed
+from dida.engine.distributed import (
+    DistInfo,
+    barrier,
+    broadcast_buffers_,
+    cleanup,
+    init_distributed,
+)
 from dida.engine.logging import MetricWriter, format_duration, setup_logging
 from dida.engine.optim import build_optimizer, set_lr
 from dida.errors import UserError
@@ -169,6 +175,9 @@ def train(
             scaler.update()
             done = iteration + 1
             n_window += 1
+            # BN statistics of rank 0 everywhere, before the teacher, evaluation or a checkpoint
+            # reads them (a no-op without DDP)
+            broadcast_buffers_(student)
             if dist_info.is_main and (done % tcfg.log_interval == 0 or done == tcfg.max_iters):
                 speed = n_window / (time.perf_counter() - t_window)
                 eta = (tcfg.max_iters - done) / max(speed, 1e-9)

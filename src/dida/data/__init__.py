@@ -1,0 +1,1 @@
+"""Datasets, label conversion, transforms, rare-class sampling and synthetic data writers."""

@@ -1,0 +1,266 @@
+"""Dataset converters: GTA / SYNTHIA / Cityscapes labels -> trainId PNGs + RCS class statistics.
+
+Implements METHOD.md §4.2-4.3. Each input label gets a `<stem>_labelTrainIds.png` beside it; the
+three statistics files (and for Cityscapes the split lists) go to the output folder. Existing files
+are never overwritten: an identical existing output is left as it is, a different one is an error.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+
+from dida.data import io
+from dida.data.labels import (
+    CITYSCAPES_ID_TO_TRAINID,
+    IGNORE_INDEX,
+    SYNTHIA_ID_TO_TRAINID,
+    lookup_table,
+)
+from dida.errors import DataError
+
+OUT_SUFFIX = "_labelTrainIds.png"
+STATS_FILES = ("sample_class_stats.json", "sample_class_stats_dict.json", "samples_with_class.json")
+# GTA/SYNTHIA inputs end in a digit, so our own `_labelTrainIds.png` outputs are never inputs
+_SOURCE_LABEL = re.compile(r".*\d\.png$")
+_CITYSCAPES_SPLITS = ("train", "val", "test")
+Progress = Callable[[Iterable, int], Iterable]
+
+
+@dataclass(frozen=True)
+class Spec:
+    """How one dataset kind is laid out and read."""
+
+    gt_dir: str
+    img_dir: str
+    default_nproc: int
+
+
+SPECS: dict[str, Spec] = {
+    "gta": Spec(gt_dir="labels", img_dir="images", default_nproc=4),
+    "synthia": Spec(gt_dir="GT/LABELS", img_dir="RGB", default_nproc=4),
+    "cityscapes": Spec(gt_dir="gtFine", img_dir="leftImg8bit", default_nproc=1),
+}
+
+
+@dataclass(frozen=True)
+class Task:
+    """One label file to convert: how to read it, where to write, and its `file` entry."""
+
+    kind: str
+    src: str
+    out: str
+    entry: str
+    with_stats: bool
+
+
+def class_counts(train_ids: np.ndarray) -> dict[str, int]:
+    """Pixel count per present trainId (ignore excluded), keys as strings in ascending order."""
+    counts = np.bincount(train_ids.ravel(), minlength=256)
+    return {str(c): int(counts[c]) for c in range(IGNORE_INDEX) if counts[c] > 0}
+
+
+def _cityscapes_polygons_to_train_ids(path: str) -> np.ndarray:
+    try:
+        from cityscapesscripts.helpers.annotation import Annotation
+        from cityscapesscripts.helpers.labels import name2label
+        from cityscapesscripts.preparation.json2labelImg import createLabelImage
+    except ImportError:
+        raise DataError(f"{path}: polygons need `pip install cityscapesscripts`") from None
+    annotation = Annotation()
+    try:
+        annotation.fromJsonFile(path)
+    except Exception as err:  # json or schema errors
+        raise DataError(f"{path}: cannot read polygon JSON ({type(err).__name__})") from None
+    for obj in annotation.objects:
+        name = obj.label
+        if name not in name2label and name.endswith("group"):
+            name = name[: -len("group")]
+        if name not in name2label:  # createLabelImage would sys.exit() here
+            raise DataError(f"{path}: unknown Cityscapes label '{obj.label}'")
+    return np.array(createLabelImage(annotation, "trainIds"), dtype=np.uint8)
+
+
+_TABLES = {
+    "gta": lookup_table(CITYSCAPES_ID_TO_TRAINID, 256),
+    "cityscapes": lookup_table(CITYSCAPES_ID_TO_TRAINID, 256),
+    "synthia": lookup_table(SYNTHIA_ID_TO_TRAINID, 65536),
+}
+
+
+def to_train_ids(kind: str, src: str) -> np.ndarray:
+    """Read one input label file of `kind` and map it to trainIds (255 = ignore).
+
+    Shapes:
+        returns: [H, W] uint8, same size as the input label.
+    """
+    if kind == "gta":
+        return _TABLES["gta"][io.read_palette_indices(src)]
+    if kind == "synthia":
+        return _TABLES["synthia"][io.read_synthia_ids(src)]
+    if src.endswith(".json"):
+        return _cityscapes_polygons_to_train_ids(src)
+    ids = io.read_unchanged(src)
+    if ids.ndim != 2 or ids.dtype != np.uint8:
+        raise DataError(f"{src}: expected a single-channel 8-bit labelIds PNG, got {ids.shape}")
+    return _TABLES["cityscapes"][ids]
+
+
+def convert_one(task: Task) -> dict[str, int | str] | None:
+    """Convert one label file and return its stats dict (or None when stats are not kept)."""
+    train_ids = to_train_ids(task.kind, task.src)
+    out = Path(task.out)
+    if out.exists():
+        if not np.array_equal(io.read_label(out), train_ids):
+            raise DataError(f"{out}: exists and differs from the conversion; remove it to redo")
+    else:
+        io.write_new_file(out, io.encode_png(train_ids))
+    if not task.with_stats:
+        return None
+    stats: dict[str, int | str] = dict(class_counts(train_ids))
+    stats["file"] = task.entry
+    return stats
+
+
+def _gta_synthia_tasks(kind: str, root: Path, gt_dir: str) -> list[Task]:
+    spec = SPECS[kind]
+    label_root = root / gt_dir
+    if not label_root.is_dir():
+        raise DataError(f"{label_root}: label folder not found")
+    labels = sorted(p for p in label_root.rglob("*.png") if _SOURCE_LABEL.match(p.name))
+    if not labels:
+        raise DataError(f"{label_root}: no label PNGs (names ending in a digit + .png) found")
+    tasks = []
+    for label in labels:
+        rel = label.relative_to(label_root)
+        image = root / spec.img_dir / rel
+        if not image.is_file():
+            raise DataError(f"{label}: label without image (expected {image})")
+        out = label.with_name(label.stem + OUT_SUFFIX)
+        tasks.append(Task(kind, str(label), str(out), str(out), with_stats=True))
+    return tasks
+
+
+def _cityscapes_tasks(root: Path, gt_dir: str) -> list[Task]:
+    label_root = root / gt_dir
+    if not label_root.is_dir():
+        raise DataError(f"{label_root}: label folder not found")
+    sources: dict[str, Path] = {}
+    for path in label_root.rglob("*_polygons.json"):
+        sources[str(path)[: -len("_polygons.json")]] = path
+    for path in label_root.rglob("*_labelIds.png"):  # preferred over polygons when both exist
+        sources[str(path)[: -len("_labelIds.png")]] = path
+    if not sources:
+        raise DataError(f"{label_root}: no *_labelIds.png or *_polygons.json files found")
+    tasks = []
+    for stem in sorted(sources):
+        rel = Path(stem).relative_to(label_root).as_posix()
+        out = stem + OUT_SUFFIX
+        tasks.append(Task("cityscapes", str(sources[stem]), out, out, with_stats="train/" in rel))
+    return tasks
+
+
+def _check_writable(folder: Path) -> None:
+    try:
+        folder.mkdir(parents=True, exist_ok=True)
+        probe = folder / f".dida-write-test.{os.getpid()}"
+        probe.write_bytes(b"")
+        probe.unlink()
+    except OSError as err:
+        raise DataError(f"{folder}: output folder is not writable ({err.strerror})") from None
+
+
+def _write_text(path: Path, text: str) -> None:
+    if path.exists():
+        if path.read_text() != text:
+            raise DataError(f"{path}: exists and differs from this conversion; remove it to redo")
+        return
+    io.write_new_file(path, text.encode())
+
+
+def stats_files(stats: list[dict[str, int | str]]) -> dict[str, str]:
+    """The three statistics files of METHOD.md §4.3 as JSON texts, keyed by file name."""
+    as_dict: dict[str, dict[str, int]] = {}
+    with_class: dict[str, list[list[int | str]]] = {}
+    for sample in stats:
+        counts = {k: v for k, v in sample.items() if k != "file"}
+        as_dict[str(sample["file"])] = counts  # type: ignore[assignment]
+        for c, n in counts.items():
+            with_class.setdefault(c, []).append([sample["file"], n])
+    with_class = {c: with_class[c] for c in sorted(with_class, key=int)}
+    texts = (stats, as_dict, with_class)
+    return {
+        name: json.dumps(t, indent=2) + "\n" for name, t in zip(STATS_FILES, texts, strict=True)
+    }
+
+
+def _split_lists(root: Path) -> dict[str, str]:
+    lists = {}
+    for split in _CITYSCAPES_SPLITS:
+        folder = root / SPECS["cityscapes"].img_dir / split
+        suffix = "_leftImg8bit.png"
+        stems = sorted(
+            p.relative_to(folder).as_posix()[: -len(suffix)] for p in folder.rglob(f"*{suffix}")
+        )
+        lists[f"{split}.txt"] = "".join(f"{s}\n" for s in stems)
+    return lists
+
+
+def _run(tasks: list[Task], nproc: int, progress: Progress) -> list:
+    if nproc <= 1:
+        return [convert_one(t) for t in progress(tasks, len(tasks))]
+    import multiprocessing
+
+    with multiprocessing.get_context().Pool(nproc) as pool:
+        # imap keeps input order, so the outputs do not depend on nproc
+        return list(progress(pool.imap(convert_one, tasks, chunksize=8), len(tasks)))
+
+
+def convert_dataset(
+    kind: str,
+    root: str | Path,
+    out_dir: str | Path | None = None,
+    gt_dir: str | None = None,
+    nproc: int | None = None,
+    progress: Progress | None = None,
+) -> list[dict[str, int | str]]:
+    """Convert every label of a dataset root and write the statistics files.
+
+    Args:
+        kind: "gta", "synthia" or "cityscapes".
+        root: dataset root as given by the user; `file` entries are built from it.
+        out_dir: where the statistics files go (default: `root`).
+        gt_dir: label folder relative to `root` (default: the kind's, METHOD.md §4.3).
+        nproc: worker processes (default: 4 for GTA/SYNTHIA, 1 for Cityscapes).
+        progress: `progress(iterable, total)` wraps the results, e.g. with `tqdm`.
+
+    Returns:
+        The per-file stats dicts, in sorted file order.
+    """
+    if kind not in SPECS:
+        raise DataError(f"unknown dataset kind '{kind}', expected one of {sorted(SPECS)}")
+    spec = SPECS[kind]
+    root = Path(root)
+    if not root.is_dir():
+        raise DataError(f"{root}: dataset root not found")
+    out = Path(out_dir) if out_dir is not None else root
+    _check_writable(out)
+    gt_dir = gt_dir or spec.gt_dir
+    if kind == "cityscapes":
+        tasks = _cityscapes_tasks(root, gt_dir)
+    else:
+        tasks = _gta_synthia_tasks(kind, root, gt_dir)
+    results = _run(tasks, nproc or spec.default_nproc, progress or (lambda it, total: it))
+    stats = [s for s in results if s is not None]
+    texts = stats_files(stats)
+    if kind == "cityscapes":
+        texts.update(_split_lists(root))
+    for name, text in texts.items():
+        _write_text(out / name, text)
+    return stats

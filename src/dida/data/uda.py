@@ -1,0 +1,116 @@
+"""UDA training pairs (source crop + label, target crop) with optional rare-class sampling.
+
+Determinism contract: `UDADataset[i]` is a pure function of (seed, i); every random draw comes
+from `np.random.default_rng([seed, i])`, so resuming and DDP sharding only need the index stream.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import torch
+from torch.utils.data import Dataset
+
+from dida.config import DataConfig, DatasetConfig
+from dida.data.datasets import SegDataset, ValDataset, build_dataset
+from dida.data.rcs import RareClassSampler, load_stats
+from dida.data.transforms import crop_flip, finish, resize_pair, train_crop
+from dida.errors import DataError
+
+# enough for any training run; the engine's sampler yields i = 0, 1, 2, ...
+VIRTUAL_LENGTH = 2**31 - 1
+_RCS_CROP_TRIES = 10
+
+
+class UDADataset(Dataset):
+    """Items: dict(src_img [3, h, w] float32, src_label [h, w] int64, tgt_img [3, h, w] float32).
+
+    Args:
+        source: labelled source dataset.
+        target: target dataset (labels unused; may be built without them).
+        crop_size: (h, w).
+        cat_max_ratio: source crop rule (the target crop is unchecked).
+        flip_prob: horizontal flip probability (both domains).
+        rcs: rare-class sampler over `source` indices, or None for uniform sampling.
+        seed: base seed; item i uses `default_rng([seed, i])`.
+        source_scale, target_scale: keep-ratio resize (long, short) before cropping.
+    """
+
+    def __init__(
+        self,
+        source: SegDataset,
+        target: SegDataset,
+        crop_size: tuple[int, int],
+        cat_max_ratio: float,
+        flip_prob: float,
+        rcs: RareClassSampler | None = None,
+        seed: int = 0,
+        source_scale: tuple[int, int] = (1280, 720),
+        target_scale: tuple[int, int] = (1024, 512),
+    ) -> None:
+        if source.classes != target.classes:
+            raise DataError("source and target datasets must share their class names")
+        self.source, self.target, self.rcs, self.seed = source, target, rcs, seed
+        self.crop_size = (int(crop_size[0]), int(crop_size[1]))
+        self.cat_max_ratio, self.flip_prob = cat_max_ratio, flip_prob
+        self.source_scale = tuple(source_scale)
+        self.target_scale = tuple(target_scale)
+        self.classes, self.palette = source.classes, source.palette
+
+    def __len__(self) -> int:
+        return VIRTUAL_LENGTH
+
+    def _source(self, rng: np.random.Generator) -> tuple[torch.Tensor, torch.Tensor]:
+        if self.rcs is None:
+            image, label = self.source.load(int(rng.integers(len(self.source))))
+            image, label = resize_pair(image, label, self.source_scale)
+            return train_crop(image, label, self.crop_size, self.cat_max_ratio, self.flip_prob, rng)
+        cls, index = self.rcs.sample(rng)
+        image, label = resize_pair(*self.source.load(index), self.source_scale)
+        for _ in range(_RCS_CROP_TRIES):  # re-crop the same file until the class is visible
+            img, lbl = crop_flip(
+                image, label, self.crop_size, self.cat_max_ratio, self.flip_prob, rng
+            )
+            if int(np.count_nonzero(lbl == cls)) > self.rcs.min_crop_pixels:
+                break
+        return finish(img, lbl, self.crop_size)
+
+    def __getitem__(self, index: int) -> dict[str, torch.Tensor]:
+        rng = np.random.default_rng([self.seed, int(index)])
+        src_img, src_label = self._source(rng)
+        image, _ = self.target.load(int(rng.integers(len(self.target))))
+        image, _ = resize_pair(image, None, self.target_scale)
+        tgt_img, _ = train_crop(image, None, self.crop_size, 1.0, self.flip_prob, rng)
+        return {"src_img": src_img, "src_label": src_label, "tgt_img": tgt_img}
+
+
+def build_train_dataset(cfg: DataConfig, seed: int) -> UDADataset:
+    """Source (labels) + target (images only) datasets, RCS from the source root's stats files."""
+    source = build_dataset(cfg.source)
+    target = build_dataset(cfg.target, with_labels=False)
+    rcs = None
+    if cfg.rcs.enabled:
+        stats, with_class = load_stats(cfg.source.root)
+        rcs = RareClassSampler(
+            stats,
+            with_class,
+            source.label_path_to_index,
+            temperature=cfg.rcs.temperature,
+            min_pixels=cfg.rcs.min_pixels,
+            min_crop_ratio=cfg.rcs.min_crop_ratio,
+        )
+    return UDADataset(
+        source,
+        target,
+        crop_size=tuple(cfg.crop_size),
+        cat_max_ratio=cfg.cat_max_ratio,
+        flip_prob=cfg.flip_prob,
+        rcs=rcs,
+        seed=seed,
+        source_scale=tuple(cfg.source.scale),
+        target_scale=tuple(cfg.target.scale),
+    )
+
+
+def build_val_dataset(ds_cfg: DatasetConfig, scale: list[int]) -> ValDataset:
+    """Evaluation dataset: images resized to `scale` (long, short), labels at full resolution."""
+    return ValDataset(build_dataset(ds_cfg), (int(scale[0]), int(scale[1])))

@@ -1,0 +1,113 @@
+"""Tests for dataset construction, the validation view and the UDA pair dataset's determinism."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from dida.config import DataConfig, DatasetConfig, RCSConfig
+from dida.data import synthetic
+from dida.data.convert import convert_dataset
+from dida.data.datasets import build_dataset
+from dida.data.labels import CLASSES
+from dida.data.uda import VIRTUAL_LENGTH, UDADataset, build_train_dataset, build_val_dataset
+from dida.errors import DataError
+
+
+@pytest.fixture(scope="module")
+def roots(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
+    base = tmp_path_factory.mktemp("data")
+    synthetic.make_gta(base / "gta", 4, size=(40, 72), seed=1)
+    synthetic.make_synthia(base / "synthia", 3, size=(38, 64), seed=2)
+    synthetic.make_cityscapes(base / "cityscapes", 3, size=(32, 64), seed=3)
+    for kind in ("gta", "synthia", "cityscapes"):
+        convert_dataset(kind, base / kind, nproc=1)
+    return {k: base / k for k in ("gta", "synthia", "cityscapes")}
+
+
+def test_default_layouts(roots: dict[str, Path]) -> None:
+    gta = build_dataset(DatasetConfig(kind="gta", root=str(roots["gta"])))
+    assert [Path(i).name for i, _ in gta.files] == [f"{k:05d}.png" for k in (1, 2, 3, 4)]
+    assert Path(gta.files[2][1]).name == "00003_labelTrainIds.png"
+    assert gta.label_path_to_index["00003_labelTrainIds.png"] == 2
+    image, label = gta.load(0)
+    assert image.shape == (40, 72, 3) and label.shape == (40, 72) and label.dtype == np.uint8
+    synthia = build_dataset(DatasetConfig(kind="synthia", root=str(roots["synthia"])))
+    assert len(synthia) == 3 and synthia.classes == CLASSES
+    cs = build_dataset(DatasetConfig(kind="cityscapes", root=str(roots["cityscapes"]), split="val"))
+    assert [Path(i).name for i, _ in cs.files][0] == "frankfurt_000000_000000_leftImg8bit.png"
+    assert cs.files[0][1].endswith(
+        "gtFine/val/frankfurt/frankfurt_000000_000000_gtFine_labelTrainIds.png"
+    )
+
+
+def test_folder_kind_and_errors(roots: dict[str, Path], tmp_path: Path) -> None:
+    cfg = DatasetConfig(kind="folder", root=str(roots["gta"]), img_dir="images", ann_dir="labels",
+                        seg_suffix="_labelTrainIds.png", classes=["a", "b"])  # fmt: skip
+    folder = build_dataset(cfg)
+    assert len(folder) == 4 and folder.classes == ("a", "b") and len(folder.palette) == 2
+    with pytest.raises(DataError, match="img_dir and ann_dir"):
+        build_dataset(DatasetConfig(kind="folder", root=str(roots["gta"])))
+    with pytest.raises(DataError, match="kind 'nope'"):
+        build_dataset(DatasetConfig(kind="nope", root=str(roots["gta"])))
+    with pytest.raises(DataError, match="missing"):
+        build_dataset(DatasetConfig(kind="gta", root=str(tmp_path / "missing")))
+    (tmp_path / "g/images").mkdir(parents=True)
+    (tmp_path / "g/labels").mkdir()
+    with pytest.raises(DataError, match="no images"):
+        build_dataset(DatasetConfig(kind="gta", root=str(tmp_path / "g")))
+    with pytest.raises(DataError, match="RGB: image folder not found"):
+        build_dataset(DatasetConfig(kind="synthia", root=str(tmp_path / "g")))
+    synthetic.make_gta(tmp_path / "g", 2, size=(8, 8))
+    with pytest.raises(DataError, match="00001.png: no label"):
+        build_dataset(DatasetConfig(kind="gta", root=str(tmp_path / "g")))
+    assert len(build_dataset(DatasetConfig(kind="gta", root=str(tmp_path / "g")), False)) == 2
+
+
+def test_val_dataset(roots: dict[str, Path]) -> None:
+    cfg = DatasetConfig(kind="cityscapes", root=str(roots["cityscapes"]), split="val")
+    val = build_val_dataset(cfg, [32, 16])
+    item = val[1]
+    assert item["img"].shape == (3, 16, 32) and item["img"].dtype == torch.float32
+    assert item["label"].shape == (32, 64) and item["label"].dtype == torch.int64
+    assert item["img_path"].endswith("frankfurt_000000_000001_leftImg8bit.png")
+    assert item["label_path"].endswith("frankfurt_000000_000001_gtFine_labelTrainIds.png")
+    assert val.img_root == roots["cityscapes"] / "leftImg8bit/val"
+    assert val.classes == CLASSES and len(val.palette) == 19
+
+
+def _data_cfg(roots: dict[str, Path], rcs: bool) -> DataConfig:
+    return DataConfig(
+        source=DatasetConfig(kind="gta", root=str(roots["gta"]), scale=[64, 36]),
+        target=DatasetConfig(kind="cityscapes", root=str(roots["cityscapes"]), scale=[48, 24]),
+        crop_size=[24, 32],
+        rcs=RCSConfig(enabled=rcs, min_pixels=100),
+    )
+
+
+@pytest.mark.parametrize("rcs", [True, False])
+def test_uda_dataset_is_pure_function_of_seed_and_index(roots, rcs: bool) -> None:
+    data = build_train_dataset(_data_cfg(roots, rcs), seed=3)
+    assert len(data) == VIRTUAL_LENGTH and data.classes == CLASSES
+    assert (data.rcs is not None) == rcs
+    item = data[5]
+    assert item["src_img"].shape == (3, 24, 32) and item["tgt_img"].shape == (3, 24, 32)
+    assert item["src_label"].shape == (24, 32) and item["src_label"].dtype == torch.int64
+    again = build_train_dataset(_data_cfg(roots, rcs), seed=3)[5]
+    for key in item:
+        assert torch.equal(item[key], again[key])
+    other = data[6]
+    assert not torch.equal(item["src_img"], other["src_img"])
+    reseeded = build_train_dataset(_data_cfg(roots, rcs), seed=4)[5]
+    assert not torch.equal(item["src_img"], reseeded["src_img"])
+
+
+def test_uda_rcs_crop_holds_sampled_class(roots) -> None:
+    data = build_train_dataset(_data_cfg(roots, True), seed=0)
+    assert isinstance(data, UDADataset)
+    rare = int(data.rcs.classes[0])
+    hits = [int((data[i]["src_label"] == rare).sum()) > 50 for i in range(12)]
+    assert np.mean(hits) > 0.5  # P(rarest) ~ 1 at T = 0.01, and crops are retried for it
