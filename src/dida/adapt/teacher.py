@@ -1,0 +1,164 @@
+"""EMA teacher and its confidence-weighted pseudo-labels (DACS; METHOD.md §1.1, §2.5 steps 1, 11).
+
+Project decision (docs/deviations.md): the teacher is always in eval mode, so BatchNorm uses running
+statistics; hence BN buffers are EMA'd with the parameters instead of keeping their initial value.
+"""
+
+from __future__ import annotations
+
+import copy
+from typing import Literal, overload
+
+import torch
+from torch import nn
+
+
+def _unwrap(model: nn.Module) -> nn.Module:
+    """Return the module inside DDP (`.module`) and `torch.compile` (`._orig_mod`) wrappers."""
+    while True:
+        if hasattr(model, "module") and isinstance(model.module, nn.Module):
+            model = model.module
+        elif hasattr(model, "_orig_mod") and isinstance(model._orig_mod, nn.Module):
+            model = model._orig_mod
+        else:
+            return model
+
+
+class EMATeacher(nn.Module):
+    """Exponential-moving-average copy of a student segmentor, frozen and always in eval mode.
+
+    Example:
+        >>> teacher = EMATeacher(student, alpha=0.999)
+        >>> teacher.update(student, iteration=step)  # by the engine, once per iteration
+        >>> out = teacher(target_img)                 # no graph is built
+    """
+
+    def __init__(self, student: nn.Module, alpha: float = 0.999) -> None:
+        super().__init__()
+        if not 0.0 <= alpha <= 1.0:
+            raise ValueError(f"EMA alpha must be in [0, 1], got {alpha}")
+        self.alpha = alpha
+        self.model = copy.deepcopy(_unwrap(student))
+        self.model.requires_grad_(False)
+        self.model.eval()
+
+    def train(self, mode: bool = True) -> EMATeacher:
+        """Record `mode` on the wrapper but keep the copied model in eval mode."""
+        self.training = mode
+        self.model.eval()
+        return self
+
+    def forward(self, img: torch.Tensor) -> object:
+        """Run the teacher without building a graph; returns whatever the wrapped model returns.
+
+        Shapes:
+            img: [B, 3, H, W]
+        """
+        with torch.no_grad():
+            return self.model(img)
+
+    def ema_alpha(self, iteration: int) -> float:
+        """Momentum with DACS warm-up: `min(1 - 1 / (iteration + 1), alpha)`."""
+        return min(1.0 - 1.0 / (iteration + 1), self.alpha)
+
+    @torch.no_grad()
+    def update(self, student: nn.Module, iteration: int) -> None:
+        """Copy the student at iteration 0, EMA it afterwards (params and float buffers).
+
+        Integer buffers (BatchNorm `num_batches_tracked`) are copied, never averaged.
+        """
+        student = _unwrap(student)
+        t_params, s_params = list(self.model.parameters()), list(student.parameters())
+        t_bufs, s_bufs = list(self.model.buffers()), list(student.buffers())
+        if len(t_params) != len(s_params) or len(t_bufs) != len(s_bufs):
+            raise ValueError(
+                f"student does not match the teacher: {len(s_params)} params/{len(s_bufs)} "
+                f"buffers, expected {len(t_params)}/{len(t_bufs)}"
+            )
+        if iteration == 0:
+            for t, s in zip(t_params + t_bufs, s_params + s_bufs, strict=True):
+                t.copy_(s)
+            return
+        ema_t = t_params + [t for t in t_bufs if t.is_floating_point()]
+        ema_s = [s.detach() for s in s_params] + [s for s in s_bufs if s.is_floating_point()]
+        alpha = self.ema_alpha(iteration)
+        torch._foreach_mul_(ema_t, alpha)
+        torch._foreach_add_(ema_t, ema_s, alpha=1.0 - alpha)
+        for t, s in zip(t_bufs, s_bufs, strict=True):
+            if not t.is_floating_point():
+                t.copy_(s)
+
+
+@overload
+def pseudo_label(
+    teacher_logits: torch.Tensor,
+    threshold: float = ...,
+    ignore_top: int = ...,
+    ignore_bottom: int = ...,
+    return_probs: Literal[False] = ...,
+) -> tuple[torch.Tensor, torch.Tensor]: ...
+
+
+@overload
+def pseudo_label(
+    teacher_logits: torch.Tensor,
+    threshold: float = ...,
+    ignore_top: int = ...,
+    ignore_bottom: int = ...,
+    *,
+    return_probs: Literal[True],
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]: ...
+
+
+def pseudo_label(
+    teacher_logits: torch.Tensor,
+    threshold: float = 0.968,
+    ignore_top: int = 15,
+    ignore_bottom: int = 120,
+    return_probs: bool = False,
+) -> tuple[torch.Tensor, torch.Tensor] | tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Hard pseudo-labels with the DACS batch-wide confidence weight.
+
+    The weight is the fraction q of all pixels in the batch whose max probability is >= `threshold`,
+    the same value everywhere, except the first `ignore_top` and last `ignore_bottom` rows (set to
+    0; clamped to the crop height). The softmax is computed in float32 whatever the logits' dtype.
+
+    Returns:
+        `(pseudo_label, pseudo_weight)`, plus the softmax probabilities if `return_probs`.
+
+    Shapes:
+        teacher_logits: [B, C, H, W]
+        pseudo_label: [B, H, W] int64; pseudo_weight: [B, H, W] float32; probs: [B, C, H, W] float32
+    """
+    if teacher_logits.dim() != 4:
+        raise ValueError(f"teacher_logits must be [B, C, H, W], got {tuple(teacher_logits.shape)}")
+    probs = torch.softmax(teacher_logits.detach().float(), dim=1)
+    label, weight = pseudo_label_from_probs(probs, threshold, ignore_top, ignore_bottom)
+    if return_probs:
+        return label, weight, probs
+    return label, weight
+
+
+def pseudo_label_from_probs(
+    probs: torch.Tensor,
+    threshold: float = 0.968,
+    ignore_top: int = 15,
+    ignore_bottom: int = 120,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """`pseudo_label` on class probabilities that are already computed (e.g. refined by DIDA).
+
+    Shapes:
+        probs: [B, C, H, W]
+        pseudo_label: [B, H, W] int64; pseudo_weight: [B, H, W] float32
+    """
+    if probs.dim() != 4:
+        raise ValueError(f"probs must be [B, C, H, W], got {tuple(probs.shape)}")
+    if ignore_top < 0 or ignore_bottom < 0:
+        raise ValueError(f"ignore_top/ignore_bottom must be >= 0, got {ignore_top}/{ignore_bottom}")
+    b, _, h, w = probs.shape
+    max_prob, label = probs.detach().max(dim=1)  # [B, H, W] each
+    q = (max_prob >= threshold).float().mean()
+    rows = torch.arange(h, device=probs.device)
+    keep_row = (rows >= min(ignore_top, h)) & (rows < max(h - ignore_bottom, 0))  # [H]
+    weight = (q * keep_row.float())[None, :, None].expand(b, h, w).contiguous()  # [B, H, W]
+    return label, weight

@@ -1,0 +1,152 @@
+"""Tests for the EMA teacher (copy-init, warm-up EMA + BN buffers, eval mode) and pseudo-labels."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+from torch import nn
+
+from dida.adapt.teacher import EMATeacher, pseudo_label, pseudo_label_from_probs
+
+
+def _tiny_student() -> nn.Module:
+    return nn.Sequential(
+        nn.Conv2d(3, 4, 3, padding=1), nn.BatchNorm2d(4), nn.Dropout(0.5), nn.Conv2d(4, 2, 1)
+    )
+
+
+def _perturb_(model: nn.Module, seed: int) -> None:
+    """Change params randomly and BN running stats through a train-mode forward."""
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for p in model.parameters():
+            p.add_(torch.randn(p.shape, generator=g))
+        model.train()
+        model(torch.randn(2, 3, 8, 8, generator=g) * 3 + 1)
+
+
+class _Wrapper(nn.Module):
+    """Stands in for DDP: the real model sits in `.module`."""
+
+    def __init__(self, module: nn.Module) -> None:
+        super().__init__()
+        self.module = module
+
+
+def test_ema_alpha_warmup() -> None:
+    teacher = EMATeacher(_tiny_student(), alpha=0.999)
+    assert teacher.ema_alpha(0) == 0.0
+    assert teacher.ema_alpha(1) == pytest.approx(0.5)
+    assert teacher.ema_alpha(9) == pytest.approx(0.9)
+    assert teacher.ema_alpha(998) == pytest.approx(1 - 1 / 999, abs=1e-12)
+    assert teacher.ema_alpha(999) == pytest.approx(0.999, abs=1e-12)
+    assert teacher.ema_alpha(40000) == pytest.approx(0.999)
+    assert EMATeacher(_tiny_student(), alpha=0.99).ema_alpha(5000) == pytest.approx(0.99)
+
+
+def test_iteration_zero_copies_params_and_all_buffers() -> None:
+    student = _tiny_student()
+    teacher = EMATeacher(student)
+    _perturb_(student, seed=1)
+    bn_s = student[1]
+    assert int(bn_s.num_batches_tracked) == 1
+    teacher.update(student, iteration=0)
+    for t, s in zip(
+        teacher.model.state_dict().values(), student.state_dict().values(), strict=True
+    ):
+        assert torch.equal(t, s)
+
+
+def test_ema_math_on_params_and_bn_buffers() -> None:
+    student = _tiny_student()
+    teacher = EMATeacher(student, alpha=0.999)
+    teacher.update(student, iteration=0)
+    before = {k: v.clone() for k, v in teacher.model.state_dict().items()}
+    _perturb_(student, seed=2)
+    _perturb_(student, seed=3)
+    for it in (1, 5000):
+        a = teacher.ema_alpha(it)
+        teacher.update(student, iteration=it)
+        after = teacher.model.state_dict()
+        for key, s in student.state_dict().items():
+            if key.endswith("num_batches_tracked"):
+                assert torch.equal(after[key], s)  # integer buffer: copied, not averaged
+            else:
+                assert torch.allclose(after[key], a * before[key] + (1 - a) * s, atol=1e-6), key
+        before = {k: v.clone() for k, v in after.items()}
+    # the BN running stats did move toward the student
+    assert not torch.equal(teacher.model[1].running_mean, torch.zeros(4))
+
+
+def test_update_accepts_ddp_style_wrapper() -> None:
+    student = _tiny_student()
+    teacher = EMATeacher(_Wrapper(student))
+    assert isinstance(teacher.model, nn.Sequential)
+    _perturb_(student, seed=4)
+    teacher.update(_Wrapper(student), iteration=0)
+    assert torch.equal(teacher.model[0].weight, student[0].weight)
+
+
+def test_update_rejects_a_different_model() -> None:
+    teacher = EMATeacher(_tiny_student())
+    with pytest.raises(ValueError, match="student does not match"):
+        teacher.update(nn.Linear(2, 2), iteration=3)
+
+
+def test_teacher_stays_in_eval_and_gets_no_grad() -> None:
+    student = _tiny_student()
+    teacher = EMATeacher(student)
+    teacher.train()
+    assert teacher.training
+    assert all(not m.training for m in teacher.model.modules())
+    assert all(not p.requires_grad for p in teacher.parameters())
+    x = torch.randn(2, 3, 8, 8)
+    out1, out2 = teacher(x), teacher(x)
+    assert torch.equal(out1, out2)  # dropout off, BN uses running stats
+    assert not out1.requires_grad
+    loss = student(x).sum() + out1.sum()
+    loss.backward()
+    assert all(p.grad is None for p in teacher.parameters())
+    assert all(p.grad is not None for p in student.parameters())
+    # a parent module's .train() must not switch the teacher either
+    parent = nn.ModuleDict({"teacher": teacher}).train()
+    assert parent.training and not teacher.model[2].training
+
+
+def _crafted_logits() -> torch.Tensor:
+    logits = torch.zeros(2, 3, 8, 4)  # uniform probs 1/3: not confident, argmax 0
+    logits[0, 1, :4] = 10.0  # image 0, rows 0..3: class 1 with prob ~0.9999
+    return logits
+
+
+def test_pseudo_label_weight_and_row_crop() -> None:
+    label, weight = pseudo_label(_crafted_logits(), threshold=0.968, ignore_top=2, ignore_bottom=3)
+    assert label.dtype == torch.int64 and label.shape == (2, 8, 4)
+    assert weight.dtype == torch.float32 and weight.shape == (2, 8, 4)
+    assert torch.all(label[0, :4] == 1) and torch.all(label[0, 4:] == 0)
+    q = 16 / 64  # confident pixels over ALL pixels of the batch
+    expected = torch.zeros(2, 8, 4)
+    expected[:, 2:5] = q  # rows 0, 1 (top) and 5, 6, 7 (bottom) are zeroed
+    assert torch.allclose(weight, expected)
+
+
+def test_pseudo_label_threshold_is_inclusive_and_probs_returned() -> None:
+    probs = torch.tensor([0.5, 0.25, 0.25]).view(1, 3, 1, 1).expand(1, 3, 2, 2)
+    _, weight = pseudo_label_from_probs(probs, threshold=0.5, ignore_top=0, ignore_bottom=0)
+    assert torch.allclose(weight, torch.ones(1, 2, 2))
+    logits = torch.randn(2, 4, 6, 5).to(torch.bfloat16)
+    label, weight, p = pseudo_label(logits, return_probs=True)
+    assert p.dtype == torch.float32 and p.shape == (2, 4, 6, 5)
+    assert torch.allclose(p.sum(1), torch.ones(2, 6, 5))
+    assert torch.equal(label, p.argmax(1))
+
+
+@pytest.mark.parametrize(("top", "bottom"), [(15, 120), (0, 0), (8, 0), (0, 8), (3, 100)])
+def test_pseudo_label_small_crops(top: int, bottom: int) -> None:
+    h = 8
+    _, weight = pseudo_label(_crafted_logits(), ignore_top=top, ignore_bottom=bottom)
+    kept_rows = (weight[0, :, 0] > 0).nonzero().flatten().tolist()
+    assert kept_rows == list(range(min(top, h), max(h - bottom, 0)))
+    assert math.isfinite(weight.sum().item())
