@@ -92,6 +92,8 @@ class AugConfig:
     # jitter is applied when a uniform draw exceeds this value (i.e. with probability 1 - p)
     color_jitter_p: float = 0.2
     blur: bool = True
+    # 11 equals the reference's 51×51 kernel to 1e-6 for its σ range; null = the reference size
+    blur_max_kernel: int | None = 11
     # reference behaviour: the teacher sees the un-augmented target (its weak aug is a no-op)
     weak_aug: bool = False
 

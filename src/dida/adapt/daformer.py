@@ -18,7 +18,7 @@ from torch import nn
 from dida.adapt.augment import strong_augment, weak_augment
 from dida.adapt.classmix import mix, sample_class_masks
 from dida.adapt.losses import accuracy, feature_distance_loss, pixel_weighted_ce
-from dida.adapt.teacher import EMATeacher, pseudo_label
+from dida.adapt.teacher import EMATeacher, pseudo_label_from_probs
 from dida.config import MethodConfig
 
 Backward = Callable[[torch.Tensor], None]
@@ -216,10 +216,9 @@ class DAFormer(SourceOnly):
         probs = torch.softmax(resize(logits, tgt_img.shape[-2:]), dim=1)
         probs = self.refine_probs(probs, embed)
         tcfg = self.cfg.teacher
-        label, weight = pseudo_label(
-            torch.log(probs.clamp_min(1e-30)), tcfg.pseudo_threshold,
-            tcfg.ignore_top, tcfg.ignore_bottom,
-        )  # fmt: skip
+        label, weight = pseudo_label_from_probs(
+            probs, tcfg.pseudo_threshold, tcfg.ignore_top, tcfg.ignore_bottom
+        )
         return TeacherOutput(logits=logits, embed=embed.float(), probs=probs, label=label,
                              weight=weight)  # fmt: skip
 
@@ -244,7 +243,7 @@ class DAFormer(SourceOnly):
         return dict(mean=self.img_mean, std=self.img_std,
                     color_jitter_strength=aug.color_jitter_strength,
                     color_jitter_p=aug.color_jitter_p, blur=aug.blur,
-                    generator=self.generator)  # fmt: skip
+                    max_kernel_size=aug.blur_max_kernel, generator=self.generator)  # fmt: skip
 
     def after_source_step(self, src: SourceOutput, src_label: torch.Tensor, iteration: int) -> None:
         """Hook for methods that learn from the source features (DIDA's bank)."""
