@@ -110,8 +110,10 @@ def main() -> None:
     parser.add_argument("--device", default="cpu")
     parser.add_argument("--precision", nargs="+", default=["fp32"],
                         choices=["fp32", "bf16", "fp16"])  # fmt: skip
-    parser.add_argument("--resolution", nargs="+", default=["feature"],
-                        choices=["feature", "input"], help="DIDA instance-loss resolution")  # fmt: skip
+    parser.add_argument(
+        "--resolution", nargs="+", default=["feature"], choices=["feature", "input"],
+        help="DIDA instance-loss resolution",
+    )  # fmt: skip
     parser.add_argument(
         "--feat-dist", action="store_true", help="with the ImageNet feature distance"
     )
@@ -140,8 +142,10 @@ def main() -> None:
                 result = json.loads(out.stdout.strip().splitlines()[-1])
                 rows.append((method, resolution, precision, result))
     mem = "peak CUDA MB" if args.device.startswith("cuda") else "peak RSS MB"
-    print(f"\n{args.variant}, crop {args.crop}, batch {args.batch}, {args.device}"
-          f"{', compiled' if args.compile else ''}, feature distance {'on' if args.feat_dist else 'off'}")  # fmt: skip
+    extras = (", compiled" if args.compile else "") + (
+        ", feature distance on" if args.feat_dist else ", feature distance off"
+    )
+    print(f"\n{args.variant}, crop {args.crop}, batch {args.batch}, {args.device}{extras}")
     print(f"| method | instance resolution | precision | s/it | {mem} |")
     print("|---|---|---|---|---|")
     for method, resolution, precision, r in rows:
