@@ -1,0 +1,180 @@
+"""Evaluate a segmentor on a validation dataset (METHOD.md §5.1): used by `dida test` and training.
+
+Batch 1, the image at the test scale, logits resized to the full-resolution label, argmax, and a
+dataset-level confusion matrix. Under DDP each rank takes indices `rank::world` (no duplicates) and
+the confusion matrix is summed over ranks, so every rank returns the same numbers.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Mapping, Sequence
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.distributed as dist
+from torch import nn
+from torch.utils.data import DataLoader, Dataset, Subset
+
+from dida.config import ModelConfig
+from dida.data.labels import IGNORE_INDEX
+from dida.errors import CheckpointError, UserError
+from dida.eval.inference import slide_inference, whole_inference
+from dida.eval.metrics import SegEvaluator
+from dida.models import load_pretrained, segmentor_from_config
+
+PredictionCallback = Callable[[torch.Tensor, dict[str, Any]], None]
+MODES = ("whole", "slide")
+
+
+def _first(batch: list[dict[str, Any]]) -> dict[str, Any]:
+    return batch[0]
+
+
+def _rank_world() -> tuple[int, int]:
+    if dist.is_available() and dist.is_initialized():
+        return dist.get_rank(), dist.get_world_size()
+    return 0, 1
+
+
+def resolve_device(name: str | None) -> torch.device:
+    """`auto`/None -> cuda when available, else cpu; anything else as given (validated)."""
+    if name in (None, "", "auto"):
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    try:
+        device = torch.device(name)
+    except RuntimeError:
+        raise UserError(f"device '{name}': not a torch device (cpu, cuda, cuda:1, ...)") from None
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise UserError(f"device '{name}': CUDA is not available on this machine")
+    return device
+
+
+def _build_uninitialised(model_cfg: ModelConfig) -> nn.Module:
+    """The segmentor with allocated but uninitialised weights (skips MiT-B5's ~4 s random init).
+
+    Falls back to a normal build when the model has buffers a state dict does not restore.
+    """
+    try:
+        with torch.device("meta"):
+            model = segmentor_from_config(model_cfg)
+    except (RuntimeError, NotImplementedError):  # constructor code that needs real tensors
+        return segmentor_from_config(model_cfg)
+    persistent = set(model.state_dict())
+    if any(name not in persistent for name, _ in model.named_buffers()):
+        return segmentor_from_config(model_cfg)
+    return model.to_empty(device="cpu")
+
+
+def load_segmentor(
+    model_cfg: ModelConfig, checkpoint: str | Path, device: torch.device | str = "cpu"
+) -> nn.Module:
+    """Build `model_cfg` and load a checkpoint's student strictly (no missing weights), eval mode.
+
+    Raises:
+        CheckpointError: missing/unreadable file, weights of another model.
+    """
+    checkpoint = Path(checkpoint)
+    if not checkpoint.is_file():
+        raise CheckpointError(f"{checkpoint}: checkpoint file not found")
+    model = _build_uninitialised(model_cfg)
+    report = load_pretrained(model, checkpoint)
+    if report.missing:  # also guarantees that no uninitialised weight is left
+        raise CheckpointError(
+            f"{checkpoint}: {len(report.missing)} weights of the {model_cfg.variant} model are "
+            f"missing (e.g. {report.missing[0]}); is it a checkpoint of this model?"
+        )
+    return model.to(device).eval()
+
+
+def predict(
+    model: nn.Module,
+    img: torch.Tensor,
+    out_size: Sequence[int],
+    *,
+    mode: str = "whole",
+    crop_size: Sequence[int] | None = None,
+    stride: Sequence[int] | None = None,
+    num_classes: int | None = None,
+) -> torch.Tensor:
+    """Logits at `out_size` by whole-image or sliding-window inference (call under no_grad).
+
+    Shapes:
+        img: [B, 3, h, w] normalised.
+        returns: [B, C, out_h, out_w] logits.
+    """
+    if mode == "whole":
+        return whole_inference(model, img, out_size)
+    if mode == "slide":
+        if crop_size is None or stride is None or num_classes is None:
+            raise ValueError("slide inference needs crop_size, stride and num_classes")
+        return slide_inference(model, img, out_size, crop_size, stride, num_classes)
+    raise ValueError(f"unknown inference mode '{mode}'; expected one of {MODES}")
+
+
+@torch.no_grad()
+def evaluate(
+    model: nn.Module,
+    dataset: Dataset,
+    *,
+    num_classes: int,
+    mode: str = "whole",
+    crop_size: Sequence[int] | None = None,
+    stride: Sequence[int] | None = None,
+    device: torch.device | str = "cpu",
+    subsets: Mapping[str, Sequence[int]] | None = None,
+    class_names: Sequence[str] | None = None,
+    on_prediction: PredictionCallback | None = None,
+    progress: bool = True,
+    num_workers: int = 0,
+    ignore_index: int = IGNORE_INDEX,
+) -> dict[str, Any]:
+    """Predict every item of `dataset` and return the metrics of `SegEvaluator.compute`.
+
+    Items are dicts with `img` (normalised, test scale) and `label` (full resolution); the model
+    returns `(logits, embedding)`. The model is put in eval mode and its previous mode restored.
+    `on_prediction(pred, item)` receives each prediction, e.g. to write images.
+
+    Shapes:
+        item["img"]: [3, h, w] float32; item["label"]: [H, W] int64 (255 = ignore).
+        pred (callback): [H, W] int64 on the CPU.
+    """
+    if mode not in MODES:
+        raise ValueError(f"unknown inference mode '{mode}'; expected one of {MODES}")
+    if isinstance(model, nn.parallel.DistributedDataParallel):
+        model = model.module  # ranks see different image counts: no DDP collectives in forward
+    if class_names is None:
+        class_names = getattr(dataset, "classes", None)
+    device = torch.device(device)
+    rank, world = _rank_world()
+    shard = Subset(dataset, range(rank, len(dataset), world))  # type: ignore[arg-type]
+    loader = DataLoader(shard, batch_size=1, num_workers=num_workers, collate_fn=_first)
+    evaluator = SegEvaluator(
+        num_classes, ignore_index=ignore_index, class_names=class_names, subsets=subsets
+    )
+    was_training = model.training
+    model.eval()
+    try:
+        if progress and rank == 0:
+            from tqdm import tqdm
+
+            loader = tqdm(loader, desc="eval", total=len(shard), dynamic_ncols=True)
+        for item in loader:
+            img = item["img"].unsqueeze(0).to(device)  # [1, 3, h, w]
+            label = item["label"]
+            logits = predict(
+                model,
+                img,
+                label.shape[-2:],
+                mode=mode,
+                crop_size=crop_size,
+                stride=stride,
+                num_classes=num_classes,
+            )
+            pred = logits.argmax(dim=1)[0].cpu()  # [H, W]
+            evaluator.process(pred, label)
+            if on_prediction is not None:
+                on_prediction(pred, item)
+    finally:
+        model.train(was_training)
+    return evaluator.compute()

@@ -1,0 +1,167 @@
+"""Tests for dida.eval.evaluate with an oracle model: modes, callback, eval/no_grad, DDP shards."""
+
+from __future__ import annotations
+
+import os
+import socket
+import time
+from collections.abc import Callable
+
+import pytest
+import torch
+import torch.distributed as dist
+import torch.multiprocessing as mp
+import torch.nn.functional as F
+from torch import nn
+from torch.utils.data import Dataset
+
+from dida.eval.evaluate import evaluate
+
+NUM_CLASSES = 3
+
+
+class OracleModel(nn.Module):
+    """Logits = the one-hot 'image' pooled to 1/4 resolution; records its mode and grad state."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.scale = nn.Parameter(torch.ones(()))
+        self.calls: list[tuple[bool, bool]] = []
+
+    def forward(self, img: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        self.calls.append((self.training, torch.is_grad_enabled()))
+        logits = F.avg_pool2d(img, 4) * self.scale  # [B, C, H/4, W/4]
+        return logits, logits
+
+
+class BlockDataset(Dataset):
+    """Vertical label stripes 8 px wide (some ignored); the image is the label's one-hot encoding.
+
+    Stripes keep the bilinear upsampling of the 1/4-resolution oracle logits exact (1-D blending,
+    the nearer cell always weighs >= 0.625).
+    """
+
+    classes = ("a", "b", "c")
+
+    def __init__(self, n: int = 5, size: int = 32) -> None:
+        gen = torch.Generator().manual_seed(0)
+        cells = torch.randint(0, NUM_CLASSES + 1, (n, 1, size // 8), generator=gen)
+        cells[cells == NUM_CLASSES] = 255
+        self.labels = cells.repeat_interleave(8, 2).expand(n, size, size).clone()  # [n, H, W]
+
+    def __len__(self) -> int:
+        return len(self.labels)
+
+    def __getitem__(self, index: int) -> dict:
+        label = self.labels[index]
+        img = F.one_hot(label.clamp(max=NUM_CLASSES - 1), NUM_CLASSES).permute(2, 0, 1).float()
+        return {"img": img, "label": label, "img_path": f"img{index}.png", "label_path": "-"}
+
+
+def test_whole_inference_oracle_scores_one_and_calls_back() -> None:
+    model, dataset = OracleModel().train(), BlockDataset()
+    seen: list[tuple[str, torch.Tensor]] = []
+    res = evaluate(
+        model, dataset, num_classes=NUM_CLASSES, progress=False,
+        on_prediction=lambda pred, item: seen.append((item["img_path"], pred)),
+    )  # fmt: skip
+    assert res["mIoU"] == pytest.approx(1.0) and res["aAcc"] == pytest.approx(1.0)
+    assert list(res["IoU"]) == ["a", "b", "c"]  # class names taken from the dataset
+    assert [p for p, _ in seen] == [f"img{i}.png" for i in range(5)]
+    for (_, pred), label in zip(seen, dataset.labels, strict=True):
+        assert pred.shape == (32, 32) and pred.dtype == torch.int64 and pred.device.type == "cpu"
+        valid = label != 255
+        assert torch.equal(pred[valid], label[valid])
+    assert model.calls and all(c == (False, False) for c in model.calls)  # eval mode, no grad
+    assert model.training  # previous mode restored
+
+
+def test_slide_inference_and_subsets() -> None:
+    model, dataset = OracleModel().eval(), BlockDataset(n=2)
+    res = evaluate(
+        model, dataset, num_classes=NUM_CLASSES, mode="slide", crop_size=(16, 16),
+        stride=(8, 8), subsets={"ab": [0, 1]}, progress=False,
+    )  # fmt: skip
+    assert res["mIoU"] == pytest.approx(1.0) and res["mIoUab"] == pytest.approx(1.0)
+    assert len(model.calls) == 2 * 9  # 3x3 windows per image
+    assert not model.training
+    with pytest.raises(ValueError, match="unknown inference mode"):
+        evaluate(model, dataset, num_classes=NUM_CLASSES, mode="tta", progress=False)
+
+
+def test_wrong_prediction_lowers_score() -> None:
+    class Shifted(OracleModel):
+        def forward(self, img: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+            logits = super().forward(img)[0].roll(1, dims=1)  # class c -> c + 1
+            return logits, logits
+
+    res = evaluate(Shifted(), BlockDataset(), num_classes=NUM_CLASSES, progress=False)
+    assert res["mIoU"] == 0.0 and res["aAcc"] == 0.0
+
+
+def _run_two_ranks(fn: Callable, out: dict, timeout: float = 60.0) -> None:
+    """Run `fn(rank, 2, port, out)` in 2 forked processes; fail (not hang) after `timeout`."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    ctx = mp.start_processes(fn, args=(2, port, out), nprocs=2, join=False, start_method="fork")
+    deadline = time.monotonic() + timeout
+    while not ctx.join(timeout=0.5):
+        if time.monotonic() > deadline:
+            for proc in ctx.processes:
+                proc.kill()
+            pytest.fail(f"DDP workers did not finish in {timeout} s")
+
+
+def _worker(rank: int, world: int, port: int, out: dict) -> None:
+    torch.set_num_threads(1)  # a forked child must not enter the parent's OpenMP pool (hangs)
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+    dist.init_process_group("gloo", rank=rank, world_size=world)
+    try:
+        seen: list[str] = []
+
+        class Half(OracleModel):  # wrong on odd images, so the ranks' shards differ in score
+            def forward(self, img: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+                logits = super().forward(img)[0]
+                return (logits.roll(1, dims=1) if len(seen) % 2 else logits), logits
+
+        res = evaluate(
+            Half(), BlockDataset(), num_classes=NUM_CLASSES, progress=False,
+            on_prediction=lambda pred, item: seen.append(item["img_path"]),
+        )  # fmt: skip
+        out[rank] = (seen, res["mIoU"], res["num_pixels"])
+    finally:
+        dist.destroy_process_group()
+
+
+def test_ddp_shards_without_duplicates_and_reduces() -> None:
+    out = mp.Manager().dict()
+    _run_two_ranks(_worker, out)
+    (seen0, miou0, pix0), (seen1, miou1, pix1) = out[0], out[1]
+    assert seen0 == ["img0.png", "img2.png", "img4.png"] and seen1 == ["img1.png", "img3.png"]
+    assert miou0 == miou1 and pix0 == pix1  # every rank reports the global numbers
+    dataset = BlockDataset()
+    assert pix0 == int(sum((label != 255).sum() for label in dataset.labels))
+
+
+def test_load_segmentor_restores_every_weight(tmp_path) -> None:
+    from dida.config import ModelConfig
+    from dida.errors import CheckpointError
+    from dida.eval.evaluate import load_segmentor
+    from dida.models import segmentor_from_config
+
+    model_cfg = ModelConfig(variant="mit_b0", num_classes=4, embed_dim=16, pretrained=None)
+    model = segmentor_from_config(model_cfg).eval()
+    torch.save({"format": "dida", "student": model.state_dict()}, tmp_path / "ckpt.pth")
+    loaded = load_segmentor(model_cfg, tmp_path / "ckpt.pth")
+    assert not loaded.training
+    reference = model.state_dict()
+    for name, value in loaded.state_dict().items():
+        assert torch.equal(value, reference[name]), name
+    img = torch.randn(1, 3, 32, 32)
+    with torch.no_grad():
+        assert torch.equal(loaded(img)[0], model(img)[0])
+    partial = {k: v for k, v in reference.items() if not k.startswith("head.")}
+    torch.save({"student": partial}, tmp_path / "partial.pth")
+    with pytest.raises(CheckpointError, match="missing"):
+        load_segmentor(model_cfg, tmp_path / "partial.pth")
