@@ -142,3 +142,20 @@ def test_two_process_gloo_run_keeps_ranks_identical(tiny_uda_root: Path, tmp_pat
     for key in r0:
         assert torch.equal(r0[key], r1[key]), key
     assert load_checkpoint(tmp_path / "run" / "latest.pth")["iteration"] == 4
+
+
+def test_run_exp_sh_trains_an_experiment(tiny_uda_root: Path, tmp_path: Path) -> None:
+    import subprocess
+    import sys
+
+    repo = Path(__file__).resolve().parents[1]
+    sets = [a for item in tiny_overrides(tiny_uda_root, "daformer", 2) for a in ("--set", item)]
+    env = {**os.environ, "PATH": f"{Path(sys.executable).parent}:{os.environ['PATH']}"}
+    out = subprocess.run(
+        ["sh", str(repo / "run_exp.sh"), "7", "0", "--work-dir", str(tmp_path / "run"), *sets],
+        cwd=tmp_path, env=env, capture_output=True, text=True, timeout=300,
+    )  # fmt: skip
+    assert out.returncode == 0, out.stdout + out.stderr
+    log = (tmp_path / "run_exp_7.out").read_text()
+    assert "iter 2/2" in log
+    assert load_checkpoint(tmp_path / "run" / "latest.pth")["iteration"] == 2
