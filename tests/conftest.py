@@ -47,7 +47,7 @@ def tiny_overrides(root: Path, method: str = "daformer", iters: int = 4) -> list
     """`--set` overrides that make any experiment run in seconds on the CPU."""
     return [
         f"method.name={method}",
-        "model.variant=mit_b0",
+        "model.variant=mit_tiny",
         "model.embed_dim=16",
         "model.pretrained=null",
         "model.dilations=[1,2]",

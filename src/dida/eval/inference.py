@@ -1,0 +1,75 @@
+"""Whole-image and sliding-window inference (mmseg 1.x `EncoderDecoder` algorithms, §1.5, §5.1).
+
+Both take a `Segmentor`-like model returning `(logits, embedding)` at 1/4 resolution and run under
+the caller's `torch.no_grad()`; logits are resized bilinearly (align_corners False) before softmax.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+
+def _resize(x: torch.Tensor, size: Sequence[int]) -> torch.Tensor:
+    if tuple(x.shape[2:]) == tuple(size):
+        return x
+    return F.interpolate(x, size=tuple(size), mode="bilinear", align_corners=False)
+
+
+def encode_decode(model: nn.Module, img: torch.Tensor) -> torch.Tensor:
+    """Model logits upsampled to the input size.
+
+    Shapes: img: B×3×H×W -> B×C×H×W
+    """
+    logits = model(img)[0]
+    return _resize(logits, img.shape[2:])
+
+
+def whole_inference(model: nn.Module, img: torch.Tensor, out_size: Sequence[int]) -> torch.Tensor:
+    """Run the model on whole images; logits go to the input size, then to `out_size`.
+
+    Shapes: img: B×3×H×W -> B×C×out_h×out_w
+    """
+    return _resize(encode_decode(model, img), out_size)
+
+
+def slide_inference(
+    model: nn.Module,
+    img: torch.Tensor,
+    out_size: Sequence[int],
+    crop_size: Sequence[int],
+    stride: Sequence[int],
+    num_classes: int,
+) -> torch.Tensor:
+    """Average logits of overlapping crops (mmseg 1.x `slide_inference`), then resize to `out_size`.
+
+    Args:
+        crop_size: window (h, w).
+        stride: window step (h, w).
+        num_classes: channels of the model's logits.
+
+    Shapes: img: B×3×H×W -> B×C×out_h×out_w
+    """
+    h_crop, w_crop = crop_size
+    h_stride, w_stride = stride
+    batch, _, h_img, w_img = img.shape
+    h_grids = max(h_img - h_crop + h_stride - 1, 0) // h_stride + 1
+    w_grids = max(w_img - w_crop + w_stride - 1, 0) // w_stride + 1
+    preds = img.new_zeros((batch, num_classes, h_img, w_img))
+    count = img.new_zeros((1, 1, h_img, w_img))
+    for h_idx in range(h_grids):
+        for w_idx in range(w_grids):
+            y2 = min(h_idx * h_stride + h_crop, h_img)
+            x2 = min(w_idx * w_stride + w_crop, w_img)
+            y1, x1 = max(y2 - h_crop, 0), max(x2 - w_crop, 0)
+            crop_logits = encode_decode(model, img[:, :, y1:y2, x1:x2])
+            if crop_logits.shape[1] != num_classes:
+                raise ValueError(
+                    f"model returned {crop_logits.shape[1]} classes, expected {num_classes}"
+                )
+            preds[:, :, y1:y2, x1:x2] += crop_logits
+            count[:, :, y1:y2, x1:x2] += 1
+    return _resize(preds / count, out_size)

@@ -1,0 +1,74 @@
+"""DAFormer head: shapes, parameter count, mmseg key names, non-negative embedding, init."""
+
+from __future__ import annotations
+
+import torch
+
+from dida.models import DAFormerHead
+
+WIDE = [64, 128, 320, 512]
+
+
+def features(channels: list[int], batch: int = 2, size: int = 16) -> list[torch.Tensor]:
+    return [torch.randn(batch, c, size >> i, size >> i) for i, c in enumerate(channels)]
+
+
+def test_shapes_and_nonnegative_embedding() -> None:
+    head = DAFormerHead([8, 16, 32, 64], num_classes=4, embed_dim=32).eval()
+    logits, embedding = head(features([8, 16, 32, 64]))
+    assert logits.shape == (2, 4, 16, 16)
+    assert embedding.shape == (2, 32, 16, 16)
+    assert embedding.min() >= 0 and embedding.max() > 0
+
+
+def test_logits_are_classifier_of_embedding_in_eval() -> None:
+    head = DAFormerHead([8, 16, 32, 64], num_classes=4, embed_dim=32).eval()
+    logits, embedding = head(features([8, 16, 32, 64]))
+    torch.testing.assert_close(logits, head.conv_seg(embedding))
+
+
+def test_param_count_matches_daformer_b5_head() -> None:
+    head = DAFormerHead(WIDE, num_classes=19, embed_dim=256)
+    assert sum(p.numel() for p in head.parameters()) == 3_712_275
+
+
+def test_state_dict_keys_mirror_mmseg() -> None:
+    keys = set(DAFormerHead(WIDE, num_classes=19).state_dict())
+    expected = {
+        "embed_layers.0.proj.weight",
+        "embed_layers.3.proj.bias",
+        "fuse_layer.aspp_modules.0.conv.weight",
+        "fuse_layer.aspp_modules.0.bn.running_mean",
+        "fuse_layer.aspp_modules.1.depthwise_conv.conv.weight",
+        "fuse_layer.aspp_modules.2.pointwise_conv.bn.running_var",
+        "fuse_layer.aspp_modules.3.pointwise_conv.bn.num_batches_tracked",
+        "fuse_layer.bottleneck.conv.weight",
+        "fuse_layer.bottleneck.bn.weight",
+        "conv_seg.weight",
+        "conv_seg.bias",
+    }
+    assert expected <= keys
+    assert not any(k.endswith("conv.bias") for k in keys if "fuse_layer" in k)  # BN follows
+
+
+def test_dilations_and_init() -> None:
+    head = DAFormerHead(WIDE, num_classes=19, dilations=(1, 6, 12, 18))
+    branches = head.fuse_layer.aspp_modules
+    assert [b.depthwise_conv.conv.dilation[0] for b in branches[1:]] == [6, 12, 18]
+    assert branches[2].depthwise_conv.conv.groups == 1024
+    assert abs(head.conv_seg.weight.std().item() - 0.01) < 0.002
+    assert torch.count_nonzero(head.conv_seg.bias) == 0
+    assert torch.all(head.fuse_layer.bottleneck.bn.weight == 1)
+
+
+def test_dropout_only_in_train() -> None:
+    head = DAFormerHead([8, 16, 32, 64], num_classes=4, embed_dim=32, dropout=0.5)
+    feats = features([8, 16, 32, 64])
+    head.eval()
+    a = head(feats)[0]
+    b = head(feats)[0]
+    assert torch.equal(a, b)
+    head.train()
+    c = head(feats)[0]
+    d = head(feats)[0]
+    assert not torch.allclose(c, d)

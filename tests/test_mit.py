@@ -1,0 +1,149 @@
+"""MiT encoder: shapes, NVlabs parameter names, parity with transformers, drop path, init."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from torch import nn
+
+from dida.models import MIT_VARIANTS, MiT, build_mit
+from dida.models.weights import hf_reference_encoder
+
+
+def tiny_mit(**kwargs) -> MiT:
+    args = dict(embed_dims=[8, 16, 32, 64], num_heads=[1, 1, 2, 2], depths=[1, 2, 1, 1])
+    args.update(kwargs)
+    return MiT(sr_ratios=[8, 4, 2, 1], **args)
+
+
+def nvlabs_keys(dims: list[int], depths: list[int]) -> set[str]:
+    """Expected key names of the original mit_b*.pth backbone (METHOD.md §1.3 table)."""
+    keys = set()
+    for s in range(1, 5):
+        keys |= {f"patch_embed{s}.{m}.{p}" for m in ("proj", "norm") for p in ("weight", "bias")}
+        keys |= {f"norm{s}.weight", f"norm{s}.bias"}
+        modules = ["norm1", "norm2", "attn.q", "attn.kv", "attn.proj", "mlp.fc1", "mlp.fc2"]
+        modules += ["mlp.dwconv.dwconv"] + (["attn.sr", "attn.norm"] if s < 4 else [])
+        for j in range(depths[s - 1]):
+            keys |= {f"block{s}.{j}.{m}.{p}" for m in modules for p in ("weight", "bias")}
+    return keys
+
+
+def test_tiny_output_shapes() -> None:
+    feats = tiny_mit().eval()(torch.randn(2, 3, 64, 64))
+    assert [tuple(f.shape) for f in feats] == [
+        (2, 8, 16, 16),
+        (2, 16, 8, 8),
+        (2, 32, 4, 4),
+        (2, 64, 2, 2),
+    ]
+
+
+def test_b0_shapes_names_and_attributes() -> None:
+    model = build_mit("mit_b0").eval()
+    assert model.variant == "mit_b0" and model.embed_dims == [32, 64, 160, 256]
+    assert set(model.state_dict()) == nvlabs_keys([32, 64, 160, 256], [2, 2, 2, 2])
+    with torch.no_grad():
+        feats = model(torch.randn(1, 3, 64, 96))
+    assert [tuple(f.shape) for f in feats] == [
+        (1, 32, 16, 24),
+        (1, 64, 8, 12),
+        (1, 160, 4, 6),
+        (1, 256, 2, 3),
+    ]
+    assert model.block1[0].attn.kv.weight.shape == (64, 32)
+    assert model.block1[0].attn.sr.kernel_size == (8, 8)
+
+
+def test_layernorm_eps_follow_the_original() -> None:
+    model = tiny_mit()
+    eps = {name: m.eps for name, m in model.named_modules() if isinstance(m, nn.LayerNorm)}
+    assert eps["patch_embed1.norm"] == 1e-5 and eps["block1.0.attn.norm"] == 1e-5
+    assert eps["block2.1.norm1"] == 1e-6 and eps["block4.0.norm2"] == 1e-6
+    assert eps["norm3"] == 1e-6
+
+
+def test_variant_table_and_unknown_variant() -> None:
+    assert MIT_VARIANTS["mit_b5"]["depths"] == [3, 6, 40, 3]
+    with pytest.raises(ValueError, match="mit_b9"):
+        build_mit("mit_b9")
+
+
+@pytest.mark.parametrize("impl", ["eager", "sdpa"])
+def test_parity_with_transformers_tiny(impl: str) -> None:
+    model = tiny_mit().eval()
+    for p in model.parameters():  # large random weights make eps and layout errors visible
+        p.data.normal_(0.0, 0.3)
+    reference = hf_reference_encoder(model, impl)
+    img = torch.randn(2, 3, 64, 64)
+    with torch.no_grad():
+        ours = model(img)
+        theirs = reference(img, output_hidden_states=True).hidden_states
+    assert len(theirs) == 4
+    for a, b in zip(ours, theirs, strict=True):
+        assert a.shape == b.shape
+        torch.testing.assert_close(a, b, atol=1e-5, rtol=0)
+
+
+def test_parity_with_transformers_b0() -> None:
+    model = build_mit("mit_b0").eval()
+    reference = hf_reference_encoder(model, "sdpa")
+    img = torch.randn(1, 3, 64, 64)
+    with torch.no_grad():
+        ours = model(img)
+        theirs = reference(img, output_hidden_states=True).hidden_states
+    for a, b in zip(ours, theirs, strict=True):
+        torch.testing.assert_close(a, b, atol=1e-5, rtol=0)
+
+
+def test_drop_path_active_in_train_only() -> None:
+    model = tiny_mit(drop_path_rate=0.5)
+    rates = [b.drop_path.drop_prob for s in range(1, 5) for b in getattr(model, f"block{s}")]
+    assert rates == pytest.approx(torch.linspace(0, 0.5, 5).tolist())
+    img = torch.randn(8, 3, 32, 32)
+    model.eval()
+    with torch.no_grad():
+        first, second = model(img)[-1], model(img)[-1]
+    assert torch.equal(first, second)
+    model.train()
+    torch.manual_seed(1)
+    with torch.no_grad():
+        a = model(img)[-1]
+        b = model(img)[-1]
+    assert not torch.allclose(a, b)
+    assert not torch.allclose(a, first)
+
+
+def test_rate_zero_train_equals_eval() -> None:
+    model = tiny_mit(drop_path_rate=0.0)
+    img = torch.randn(2, 3, 32, 32)
+    with torch.no_grad():
+        train_out = model.train()(img)[0]
+        eval_out = model.eval()(img)[0]
+    torch.testing.assert_close(train_out, eval_out)
+
+
+def test_init_follows_original() -> None:
+    model = build_mit("mit_b0")
+    q = model.block3[0].attn.q
+    # trunc_normal_(std=0.02) as in the original (timm): cut at ±2 absolute, so ≈ normal(0.02)
+    assert q.weight.std().item() == pytest.approx(0.02, rel=0.1)
+    assert torch.count_nonzero(q.bias) == 0
+    conv = model.patch_embed2.proj  # fan_out = 3·3·64
+    assert conv.weight.std().item() == pytest.approx((2.0 / (9 * 64)) ** 0.5, rel=0.1)
+
+
+def test_backward_reaches_every_parameter() -> None:
+    model = tiny_mit()
+    sum(f.sum() for f in model(torch.randn(2, 3, 32, 32))).backward()
+    assert all(p.grad is not None for p in model.parameters())
+
+
+@pytest.mark.slow
+def test_b5_shapes_and_param_count() -> None:
+    model = build_mit("mit_b5").eval()
+    assert sum(p.numel() for p in model.parameters()) == 81_443_008
+    with torch.no_grad():
+        feats = model(torch.randn(1, 3, 128, 128))
+    assert [f.shape[1] for f in feats] == [64, 128, 320, 512]
+    assert feats[0].shape[2:] == (32, 32) and feats[3].shape[2:] == (4, 4)
