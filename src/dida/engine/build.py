@@ -89,11 +89,14 @@ def build_method(
 
 
 def _init_bank(method, cfg: ExperimentConfig) -> None:  # noqa: ANN001
-    from dida.adapt.instance_bank import read_bank_file
+    from dida.engine.bank_io import read_bank_file
 
     bank_cfg = cfg.method.bank
     if bank_cfg.init == "file":
-        feats, labels = read_bank_file(bank_cfg.init_path)
+        bank = method.bank
+        feats, labels = read_bank_file(
+            bank_cfg.init_path, size=bank.size, dim=bank.dim, num_classes=bank.num_classes
+        )
         method.bank.load_(feats, labels)
         log.info("instance bank loaded from %s", bank_cfg.init_path)
     elif bank_cfg.init == "random":

@@ -1,0 +1,106 @@
+"""Reading and writing instance-bank files: the original `embedding_cache` npz pair
+(`f_buffer_s.npz` / `l_buffer_s.npz`, one array `arr_0` each) and our own (.pt / .safetensors).
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+
+from dida.errors import DataError
+
+
+def _read_npz_array(path: Path) -> torch.Tensor:
+    import numpy as np
+
+    if not path.is_file():
+        raise DataError(f"{path}: bank file not found")
+    try:
+        with np.load(path, allow_pickle=False) as data:
+            keys = list(data.keys())
+            if "arr_0" not in keys and len(keys) != 1:
+                raise DataError(f"{path}: expected one array 'arr_0', found {keys}")
+            return torch.from_numpy(data["arr_0" if "arr_0" in keys else keys[0]].copy())
+    except (OSError, ValueError) as err:
+        raise DataError(f"{path}: cannot read npz: {str(err).splitlines()[0]}") from None
+
+
+def _read_pair(path: Path) -> tuple[torch.Tensor, torch.Tensor]:
+    """The original `embedding_cache` layout: f_buffer_s.npz and l_buffer_s.npz side by side."""
+    if path.is_dir():
+        f_path, l_path = path / "f_buffer_s.npz", path / "l_buffer_s.npz"
+    elif path.name.startswith("f_buffer"):
+        f_path, l_path = path, path.with_name(path.name.replace("f_buffer", "l_buffer", 1))
+    elif path.name.startswith("l_buffer"):
+        f_path, l_path = path.with_name(path.name.replace("l_buffer", "f_buffer", 1)), path
+    else:
+        raise DataError(f"{path}: expected an f_buffer*.npz / l_buffer*.npz pair")
+    return _read_npz_array(f_path), _read_npz_array(l_path)
+
+
+def _read_tensors(path: Path) -> tuple[torch.Tensor, torch.Tensor]:
+    """Our own format: a torch file or safetensors file with `feats` and `labels`."""
+    if not path.is_file():
+        raise DataError(f"{path}: bank file not found")
+    try:
+        if path.suffix == ".safetensors":
+            from safetensors.torch import load_file
+
+            data = load_file(str(path))
+        else:
+            data = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as err:  # pickle/safetensors errors have no common base class
+        raise DataError(f"{path}: cannot read bank file: {str(err).splitlines()[0]}") from None
+    if not isinstance(data, dict) or not {"feats", "labels"} <= set(data):
+        raise DataError(f"{path}: expected a dict with 'feats' and 'labels'")
+    return data["feats"], data["labels"]
+
+
+def read_bank_file(
+    path: str | Path,
+    *,
+    size: int | None = None,
+    dim: int | None = None,
+    num_classes: int | None = None,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Read a bank: an `embedding_cache` folder or npz, a torch `.pt`, or a `.safetensors` file.
+
+    Raises `DataError` naming the file when it is missing, malformed or of another size.
+
+    Shapes:
+        -> feats [K, D] float32, labels [K] int64
+    """
+    path = Path(path)
+    if path.is_dir() or path.suffix == ".npz":
+        feats, labels = _read_pair(path)
+    else:
+        feats, labels = _read_tensors(path)
+    if feats.dim() != 2 or labels.dim() != 1 or labels.shape[0] != feats.shape[0]:
+        raise DataError(
+            f"{path}: bank features {tuple(feats.shape)} and labels {tuple(labels.shape)}: "
+            "expected [K, D] and [K]"
+        )
+    if feats.is_complex() or not feats.is_floating_point() or labels.is_floating_point():
+        raise DataError(f"{path}: expected float features and integer labels")
+    if size is not None and feats.shape[0] != size:
+        raise DataError(f"{path}: bank has K={feats.shape[0]} entries, config expects {size}")
+    if dim is not None and feats.shape[1] != dim:
+        raise DataError(f"{path}: bank has D={feats.shape[1]} channels, config expects {dim}")
+    labels = labels.long()
+    top = num_classes if num_classes is not None else 255
+    if labels.numel() and bool(((labels < 0) | (labels >= top)).any()):
+        raise DataError(f"{path}: bank labels must lie in [0, {top})")
+    return feats.float().contiguous(), labels.contiguous()
+
+
+def save_bank_file(path: str | Path, feats: torch.Tensor, labels: torch.Tensor) -> None:
+    """Write a bank as a torch file (`{"feats", "labels"}`) or, for `.safetensors`, safetensors."""
+    path = Path(path)
+    tensors = {"feats": feats.detach().float().cpu().contiguous(), "labels": labels.long().cpu()}
+    if path.suffix == ".safetensors":
+        from safetensors.torch import save_file
+
+        save_file(tensors, str(path))
+    else:
+        torch.save(tensors, path)
