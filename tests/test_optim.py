@@ -25,7 +25,8 @@ def test_warmup_is_linear_and_continuous() -> None:
     lrs = [lr_at(i, cfg.lr, cfg, 40000) for i in range(0, 1501, 250)]
     assert all(a < b for a, b in zip(lrs, lrs[1:], strict=False))
     # just before the end of warmup the value meets the poly curve
-    assert lr_at(1499, cfg.lr, cfg, 40000) == pytest.approx(lr_at(1500, cfg.lr, cfg, 40000), rel=1e-3)
+    end_of_warmup = lr_at(1499, cfg.lr, cfg, 40000)
+    assert end_of_warmup == pytest.approx(lr_at(1500, cfg.lr, cfg, 40000), rel=1e-3)
 
 
 class _Toy(nn.Module):

@@ -21,7 +21,8 @@ from dida.experiments import find_experiment
 
 
 def _cfg(root: Path, method: str, iters: int, extra: list[str] | None = None):  # noqa: ANN202
-    return load_config(find_experiment("7").path, tiny_overrides(root, method, iters) + (extra or []))
+    overrides = tiny_overrides(root, method, iters) + (extra or [])
+    return load_config(find_experiment("7").path, overrides)
 
 
 def _states(ckpt: dict) -> dict[str, torch.Tensor]:

@@ -1,4 +1,4 @@
-"""dida: DIDA (dual-level interaction for domain adaptive semantic segmentation) on plain PyTorch."""
+"""dida: DIDA (dual-level interaction for domain-adaptive segmentation) on plain PyTorch."""
 
 __version__ = "0.1.0"
 
