@@ -1,4 +1,4 @@
-"""Tests for `dida bank import` and `dida bank show`."""
+"""Tests for `dida bank init`, `dida bank import` and `dida bank show`."""
 
 from __future__ import annotations
 
@@ -66,3 +66,28 @@ def test_show_synthia_cache(capsys: pytest.CaptureFixture[str]) -> None:
     text = capsys.readouterr().out
     assert "entries: 300  dim: 256" in text
     assert "missing classes: 9 (terrain), 14 (truck), 16 (train)" in text
+
+
+def test_bank_init_from_a_checkpoint(tiny_uda_root: Path, tmp_path: Path) -> None:
+    import torch
+    from conftest import tiny_overrides
+
+    from dida.config import config_to_dict, load_config
+    from dida.experiments import find_experiment
+    from dida.models import segmentor_from_config
+
+    cfg = load_config(find_experiment("7").path, tiny_overrides(tiny_uda_root, "dida"))
+    model = segmentor_from_config(cfg.model)
+    ckpt = tmp_path / "model.pth"
+    torch.save({"format": "dida", "config": config_to_dict(cfg), "student": model.state_dict()},
+               ckpt)  # fmt: skip
+    (tmp_path / "cfg.json").write_text(__import__("json").dumps(config_to_dict(cfg)))
+    out = tmp_path / "bank.pt"
+    args = ["bank", "init", str(tmp_path / "cfg.json"), str(ckpt), "-o", str(out),
+            "--set", "method.bank.size=8", "--device", "cpu"]  # fmt: skip
+    assert main(args) == 0
+    feats, labels = read_bank_file(out)
+    assert feats.shape == (8, cfg.model.embed_dim)
+    counts = torch.bincount(labels, minlength=19)
+    assert counts.max() - counts[counts > 0].min() <= 1  # class-balanced
+    assert bool((feats >= 0).all())  # class means of post-ReLU features

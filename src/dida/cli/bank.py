@@ -5,9 +5,11 @@ from __future__ import annotations
 import argparse
 
 NAME = "bank"
-HELP = "import or inspect an instance bank file"
-DESCRIPTION = """Instance bank files.
+HELP = "build, import or inspect an instance bank file"
+DESCRIPTION = """Instance bank files; train with one through
+--set method.bank.init=file --set method.bank.init_path=FILE
 
+  dida bank init CONFIG CHECKPOINT -o OUT.pt  class-balanced bank from source crops and a model
   dida bank import SRC_DIR_OR_NPZ -o OUT.pt   original f_buffer_s.npz / l_buffer_s.npz -> our format
   dida bank show FILE_OR_DIR                  per-class counts, feature norms, missing classes
 """
@@ -16,6 +18,14 @@ ORDER = 80
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     sub = parser.add_subparsers(dest="bank_command", metavar="ACTION", required=True)
+    init = sub.add_parser("init", help="build a class-balanced bank from source images")
+    init.add_argument("config", help="config file (e.g. a run's .json) naming the source data")
+    init.add_argument("checkpoint", help="segmentor checkpoint whose fused features fill the bank")
+    init.add_argument("-o", "--output", required=True, help="output .pt or .safetensors file")
+    init.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
+                      help="config override (repeatable), e.g. method.bank.size=300")  # fmt: skip
+    init.add_argument("--max-crops", type=int, default=2000, help="give up after this many crops")
+    init.add_argument("--device", default="auto", help="cpu, cuda, ... (default: auto)")
     imp = sub.add_parser("import", help="convert an embedding_cache folder or npz pair")
     imp.add_argument("src", help="folder holding f_buffer_s.npz and l_buffer_s.npz, or one of them")
     imp.add_argument("-o", "--output", required=True, help="output .pt or .safetensors file")
@@ -51,7 +61,11 @@ def run(args: argparse.Namespace) -> int:
     from dida.engine.bank_io import read_bank_file, save_bank_file
     from dida.errors import UserError
 
-    if args.bank_command == "import":
+    if args.bank_command == "init":
+        feats, labels, args.num_classes = _init_bank(args)
+        save_bank_file(args.output, feats, labels)
+        print(f"wrote {args.output}")
+    elif args.bank_command == "import":
         feats, labels = read_bank_file(args.src, size=args.size, num_classes=args.num_classes)
         try:
             save_bank_file(args.output, feats, labels)
@@ -63,3 +77,39 @@ def run(args: argparse.Namespace) -> int:
     for line in _summary(feats, labels, args.num_classes):
         print(line)
     return 0
+
+
+def _init_bank(args: argparse.Namespace):  # noqa: ANN202
+    """Fill a bank with per-image source class means of the checkpoint's fused feature."""
+    import torch
+    from tqdm import tqdm
+
+    from dida.adapt.instance_bank import InstanceBank
+    from dida.config import load_config
+    from dida.data.uda import build_train_dataset
+    from dida.errors import UserError
+    from dida.eval.evaluate import load_segmentor, resolve_device
+
+    cfg = load_config(args.config, args.overrides)
+    device = resolve_device(args.device)
+    model = load_segmentor(cfg.model, args.checkpoint, device)
+    data = build_train_dataset(cfg.data, seed=cfg.train.seed)
+    bank_cfg = cfg.method.bank
+    bank = InstanceBank(bank_cfg.size, cfg.model.embed_dim, cfg.model.num_classes).to(device)
+    bar = tqdm(range(args.max_crops), desc="bank", unit="crop")
+    with torch.no_grad():
+        for i in bar:
+            item = data[i]
+            img = item["src_img"][None].to(device)
+            _, embed = model(img)  # [1, D, h, w]
+            label = item["src_label"][None, None].float().to(device)
+            label = torch.nn.functional.interpolate(label, size=embed.shape[-2:], mode="nearest")
+            if bank.fill_online_(embed.float(), label[:, 0].long()):
+                break
+            bar.set_postfix(filled=int(bank.count))
+    if not bank.is_full:
+        raise UserError(
+            f"bank filled {int(bank.count)} of {bank.size} entries in {args.max_crops} crops; "
+            "raise --max-crops or lower method.bank.size"
+        )
+    return bank.feats.cpu(), bank.labels.cpu(), cfg.model.num_classes
