@@ -32,6 +32,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="dida",
         description="DIDA / DAFormer domain-adaptive semantic segmentation.",
+        epilog="New here? Run `dida quickstart`, then see README.md.",
     )
     parser.add_argument("--version", action="version", version=f"dida {dida.__version__}")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")

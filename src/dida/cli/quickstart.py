@@ -33,8 +33,10 @@ METHODS = ("source_only", "daformer", "dida")
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--seeds", type=int, default=1, help="train every method with N seeds")
-    parser.add_argument("--methods", nargs="+", default=list(METHODS), choices=METHODS)
+    parser.add_argument("--seeds", type=int, default=1,
+                        help="train every method with seeds 0..N-1 (default 1)")  # fmt: skip
+    parser.add_argument("--methods", nargs="+", default=list(METHODS), choices=METHODS,
+                        help="methods to train (default: all three)")  # fmt: skip
     parser.add_argument("--iters", type=int, help="training iterations (default: the config's)")
     parser.add_argument("--data-root", type=Path, default=Path("data/synthetic"),
                         help="benchmark folder (default data/synthetic)")  # fmt: skip
@@ -42,7 +44,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="run directories (default work_dirs/quickstart)")  # fmt: skip
     parser.add_argument("--set", dest="overrides", action="append", default=[],
                         metavar="KEY=VALUE", help="config override for every run")  # fmt: skip
-    parser.add_argument("--nproc", type=int, default=2, help="processes for data generation")
+    parser.add_argument("--nproc", type=int, default=2,
+                        help="processes for data generation (default 2)")  # fmt: skip
 
 
 def _config(args: argparse.Namespace, method: str, seed: int, gen: dict):  # noqa: ANN202

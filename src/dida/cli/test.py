@@ -37,8 +37,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--format-only",
         action="store_true",
-        help="write Cityscapes *_labelIds.png predictions into --out-dir, else into --show-dir "
-        "(then instead of the colour images)",
+        help="write Cityscapes *_labelIds.png (trainId -> labelId) into --out-dir (or --show-dir, "
+        "instead of the colour images) for the official evaluation or a submission",
     )
     parser.add_argument("--out-dir", type=Path, help="folder for --format-only predictions")
     parser.add_argument(
@@ -63,6 +63,8 @@ def resolve_run(target: Path, checkpoint: Path | None) -> tuple[Path, Path, Path
         if len(configs) != 1:
             found = ", ".join(p.name for p in configs) or "none"
             raise UserError(f"{target}: expected exactly one config *.json, found {found}")
+        if checkpoint is not None and not checkpoint.exists() and (target / checkpoint).exists():
+            checkpoint = target / checkpoint  # a checkpoint name inside the run directory
         return configs[0], checkpoint or target / "latest.pth", target
     if not target.is_file():
         raise UserError(f"{target}: no such run directory or config file")

@@ -28,6 +28,12 @@ def check_inputs(cfg: ExperimentConfig) -> None:
         from dida.models.weights import missing_weights_message
 
         raise UserError(missing_weights_message(pretrained))
+    fd = cfg.method.feat_dist
+    if fd.enabled and fd.classes and max(fd.classes) >= cfg.model.num_classes:
+        raise UserError(
+            f"method.feat_dist.classes {fd.classes} holds ids >= model.num_classes "
+            f"({cfg.model.num_classes}); set it to this dataset's thing classes or null"
+        )
     bank = cfg.method.bank
     if cfg.method.name == "dida" and bank.init == "file":
         if not bank.init_path or not Path(bank.init_path).exists():
