@@ -49,11 +49,15 @@ def default_layout(kind: str, split: str) -> Layout:
     raise DataError(f"dataset kind '{kind}': expected one of cityscapes, folder, gta, synthia")
 
 
-def resolve_layout(cfg: DatasetConfig) -> Layout:
-    """`cfg`'s folders and suffixes, empty strings replaced by the kind's defaults."""
+def resolve_layout(cfg: DatasetConfig, with_labels: bool = True) -> Layout:
+    """`cfg`'s folders and suffixes, empty strings replaced by the kind's defaults.
+
+    A `folder` dataset needs `img_dir`, and `ann_dir` unless its labels are not read (a target).
+    """
     base = default_layout(cfg.kind, cfg.split)
-    if cfg.kind == "folder" and not (cfg.img_dir and cfg.ann_dir):
-        raise DataError(f"dataset root {cfg.root}: kind 'folder' needs img_dir and ann_dir")
+    if cfg.kind == "folder" and not (cfg.img_dir and (cfg.ann_dir or not with_labels)):
+        needs = "img_dir and ann_dir" if with_labels else "img_dir"
+        raise DataError(f"dataset root {cfg.root}: kind 'folder' needs {needs}")
     return Layout(
         img_dir=cfg.img_dir or base.img_dir,
         ann_dir=cfg.ann_dir or base.ann_dir,
@@ -132,7 +136,7 @@ class SegDataset:
 
 def build_dataset(cfg: DatasetConfig, with_labels: bool = True) -> SegDataset:
     """The dataset described by `cfg`; `with_labels=False` lists images only (UDA target)."""
-    layout = resolve_layout(cfg)
+    layout = resolve_layout(cfg, with_labels)
     root = Path(cfg.root)
     if not root.is_dir():
         raise DataError(f"{root}: dataset root not found")
