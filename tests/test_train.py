@@ -160,3 +160,20 @@ def test_run_exp_sh_trains_an_experiment(tiny_uda_root: Path, tmp_path: Path) ->
     log = (tmp_path / "run_exp_7.out").read_text()
     assert "iter 2/2" in log
     assert load_checkpoint(tmp_path / "run" / "latest.pth")["iteration"] == 2
+
+
+def test_dida_trains_from_the_original_bank_files(tiny_uda_root: Path, tmp_path: Path) -> None:
+    from conftest import SHARED_DATA
+
+    cache = SHARED_DATA / "embedding_cache" / "gta_balanced_300"
+    if not cache.is_dir():
+        pytest.skip("reference embedding_cache not available")
+    extra = ["model.embed_dim=256", "method.bank.init=file", f"method.bank.init_path={cache}",
+             "method.bank.size=300"]  # fmt: skip
+    cfg = _cfg(tiny_uda_root, "dida", 2, extra)
+    seen = {}
+    train(cfg, tmp_path, on_finish=lambda m: seen.update(bank=m.bank.state_dict()))
+    counts = torch.bincount(seen["bank"]["labels"], minlength=19)
+    assert int(seen["bank"]["count"]) == 300 and int(counts.min()) >= 15  # the file's labels
+    records = (tmp_path / "metrics.jsonl").read_text()
+    assert "instance.loss_in" in records  # a full bank: L_in from the first iteration

@@ -23,11 +23,10 @@ def check_inputs(cfg: ExperimentConfig) -> None:
     """Fail early, before any long work, on settings that cannot run."""
     if cfg.method.name not in METHODS:
         raise UserError(f"method.name: '{cfg.method.name}' is not one of {', '.join(METHODS)}")
-    pretrained = cfg.model.pretrained
-    if pretrained and _looks_like_path(pretrained) and not Path(pretrained).exists():
-        from dida.models.weights import missing_weights_message
+    if cfg.model.pretrained:
+        from dida.models.weights import check_weights_source
 
-        raise UserError(missing_weights_message(pretrained))
+        check_weights_source(cfg.model.pretrained)
     fd = cfg.method.feat_dist
     if fd.enabled and fd.classes and max(fd.classes) >= cfg.model.num_classes:
         raise UserError(
@@ -40,13 +39,6 @@ def check_inputs(cfg: ExperimentConfig) -> None:
             raise UserError(
                 f"method.bank.init_path: '{bank.init_path}' not found (needed by bank.init=file)"
             )
-
-
-def _looks_like_path(source: str) -> bool:
-    """A hub id is `owner/name` without a file suffix and not present on disk."""
-    if Path(source).exists() or source.endswith((".pth", ".pt", ".bin", ".safetensors")):
-        return True
-    return source.count("/") != 1 or source.startswith((".", "/"))
 
 
 def build_method(

@@ -123,15 +123,16 @@ def train(
     device = resolve_device(tcfg.device)
     dist_info = init_distributed(device.type)
     device = resolve_device(tcfg.device, dist_info)
+    setup_logging(None, dist_info.is_main)
+    dtype = resolve_precision(tcfg.precision, device)
+    check_inputs(cfg)  # user mistakes surface before anything is written
+    train_set, val_set = _build_data(cfg)
     if dist_info.is_main:
         run_dir.mkdir(parents=True, exist_ok=True)
         save_config(cfg, run_dir / f"{cfg.name}.json")
     barrier()
     setup_logging(run_dir / "train.log", dist_info.is_main)
-    dtype = resolve_precision(tcfg.precision, device)
     torch.manual_seed(tcfg.seed + dist_info.rank)
-    check_inputs(cfg)
-    train_set, val_set = _build_data(cfg)
     method = build_method(cfg, train_set, device, rank=dist_info.rank)
     student = method.student
     if dist_info.enabled:

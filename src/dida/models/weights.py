@@ -192,6 +192,16 @@ def _read_file(path: Path) -> Any:
         raise CheckpointError(f"{path}: cannot read weights ({reason[:200]})") from None
 
 
+def check_weights_source(source: str | Path) -> None:
+    """Raise `load_pretrained`'s error for a local file that does not exist; never downloads."""
+    path = Path(source)
+    is_hub_id = isinstance(source, str) and _HF_ID.match(source) and not source.endswith(
+        (".pth", ".pt")
+    )
+    if not path.exists() and not is_hub_id:
+        _resolve(source)
+
+
 def _resolve(source: str | Path) -> Path:
     path = Path(source)
     if path.exists():
