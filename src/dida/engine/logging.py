@@ -12,6 +12,21 @@ from typing import Any
 LOGGER_NAME = "dida"
 
 
+class _StderrHandler(logging.StreamHandler):
+    """Writes to whatever `sys.stderr` is at the time of each record (tools and tests swap it)."""
+
+    def __init__(self) -> None:
+        super().__init__(sys.stderr)
+
+    @property
+    def stream(self):  # noqa: ANN201
+        return sys.stderr
+
+    @stream.setter
+    def stream(self, value) -> None:  # noqa: ANN001
+        pass
+
+
 def setup_logging(log_file: Path | None, is_main: bool = True) -> logging.Logger:
     """Configure the `dida` logger: INFO to stderr and `log_file` on rank 0, WARNING elsewhere."""
     logger = logging.getLogger(LOGGER_NAME)
@@ -21,7 +36,7 @@ def setup_logging(log_file: Path | None, is_main: bool = True) -> logging.Logger
     logger.setLevel(logging.INFO if is_main else logging.WARNING)
     logger.propagate = False
     fmt = logging.Formatter("%(asctime)s %(levelname)s %(message)s", datefmt="%H:%M:%S")
-    console = logging.StreamHandler(sys.stderr)
+    console = _StderrHandler()
     console.setFormatter(fmt)
     logger.addHandler(console)
     if is_main and log_file is not None:
