@@ -27,7 +27,7 @@ from dida.engine.distributed import (
     cleanup,
     init_distributed,
 )
-from dida.engine.logging import MetricWriter, format_duration, setup_logging
+from dida.engine.logging import MetricWriter, format_duration, setup_logging, teardown_logging
 from dida.engine.optim import build_optimizer, set_lr
 from dida.errors import UserError
 
@@ -119,6 +119,13 @@ def train(
 
     `on_finish(method)` runs on every rank before the process group closes (tests use it).
     """
+    try:
+        return _train(cfg, run_dir, resume, on_finish)
+    finally:
+        teardown_logging()
+
+
+def _train(cfg, run_dir, resume, on_finish) -> dict:  # noqa: ANN001
     tcfg = cfg.train
     device = resolve_device(tcfg.device)
     dist_info = init_distributed(device.type)
