@@ -233,29 +233,11 @@ def strong_augment(
     )
 
 
-def weak_augment(
-    imgs: torch.Tensor,
-    *,
-    mean: MeanStd = IMAGENET_MEAN,
-    std: MeanStd = IMAGENET_STD,
-    color_jitter_strength: float = 0.2,
-    color_jitter_p: float = 0.2,
-    blur: bool = True,
-    generator: torch.Generator | None = None,
-    max_kernel_size: int | None = 11,
-) -> torch.Tensor:
-    """Optional weak (teacher) view: the same ops with their own draws (the reference's is a no-op).
+def weak_augment(imgs: torch.Tensor, **kwargs) -> torch.Tensor:  # noqa: ANN003
+    """Optional weak (teacher) view: `strong_augment`'s ops and arguments with their own draws
+    (the reference's weak augmentation is a no-op).
 
     Shapes:
         imgs: [B, 3, H, W] normalised; returned: [B, 3, H, W] normalised
     """
-    return _photometric(
-        imgs,
-        mean=mean,
-        std=std,
-        color_jitter_strength=color_jitter_strength,
-        color_jitter_p=color_jitter_p,
-        blur=blur,
-        generator=generator,
-        max_kernel_size=max_kernel_size,
-    )
+    return strong_augment(imgs, **kwargs)
