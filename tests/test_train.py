@@ -177,3 +177,16 @@ def test_dida_trains_from_the_original_bank_files(tiny_uda_root: Path, tmp_path:
     assert int(seen["bank"]["count"]) == 300 and int(counts.min()) >= 15  # the file's labels
     records = (tmp_path / "metrics.jsonl").read_text()
     assert "instance.loss_in" in records  # a full bank: L_in from the first iteration
+
+
+@pytest.mark.parametrize("precision", ["bf16", "fp16"])
+def test_mixed_precision_and_tensorboard(
+    tiny_uda_root: Path, tmp_path: Path, precision: str
+) -> None:
+    cfg = _cfg(tiny_uda_root, "dida", 2, [f"train.precision={precision}", "train.tensorboard=true"])
+    train(cfg, tmp_path)
+    ckpt = load_checkpoint(tmp_path / "latest.pth")
+    assert ckpt["iteration"] == 2
+    assert ("scale" in ckpt["scaler"]) == (precision == "fp16")  # a grad scaler only for fp16
+    assert all(v.dtype == torch.float32 for v in ckpt["student"].values() if v.is_floating_point())
+    assert list((tmp_path / "tb").glob("events.out.tfevents.*"))
