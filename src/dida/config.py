@@ -16,9 +16,8 @@ from typing import Any
 from omegaconf import OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
+from dida.data.labels import THING_CLASSES
 from dida.errors import UserError
-
-THING_CLASSES = [6, 7, 11, 12, 13, 14, 15, 16, 17, 18]
 
 
 class ConfigError(UserError, ValueError):

@@ -20,6 +20,7 @@ from dida.adapt.classmix import mix, sample_class_masks
 from dida.adapt.losses import accuracy, feature_distance_loss, pixel_weighted_ce
 from dida.adapt.teacher import EMATeacher, pseudo_label_from_probs
 from dida.config import MethodConfig
+from dida.data.transforms import IMG_MEAN, IMG_STD
 
 Backward = Callable[[torch.Tensor], None]
 
@@ -75,8 +76,8 @@ class SourceOnly(nn.Module):
         *,
         num_classes: int,
         imnet_encoder: nn.Module | None = None,
-        img_mean: tuple[float, float, float] = (123.675, 116.28, 103.53),
-        img_std: tuple[float, float, float] = (58.395, 57.12, 57.375),
+        img_mean: tuple[float, float, float] = IMG_MEAN,
+        img_std: tuple[float, float, float] = IMG_STD,
         ignore_index: int = 255,
         generator: torch.Generator | None = None,
     ) -> None:
@@ -152,18 +153,11 @@ class SourceOnly(nn.Module):
         return fd_cfg.weight * loss
 
     def training_state(self) -> dict:
-        """Everything of the method a checkpoint needs (the student is stored on its own)."""
-        return {"student": self.student.state_dict(), "method": self._extra_state()}
+        """Everything of the method a checkpoint needs; subclasses add their own entries."""
+        return {"student": self.student.state_dict()}
 
     def load_training_state(self, ckpt: dict) -> None:
         self.student.load_state_dict(ckpt["student"])
-        self._load_extra_state(ckpt.get("method", {}))
-
-    def _extra_state(self) -> dict:
-        return {}
-
-    def _load_extra_state(self, state: dict) -> None:
-        pass
 
 
 class DAFormer(SourceOnly):

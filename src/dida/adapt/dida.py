@@ -107,9 +107,9 @@ class DIDA(DAFormer):
         )  # fmt: skip
         return loss, {"instance.loss_in": loss.item()}
 
-    def _extra_state(self) -> dict:
-        return {"bank": self.bank.state_dict()}
+    def training_state(self) -> dict:
+        return super().training_state() | {"method": {"bank": self.bank.state_dict()}}
 
-    def _load_extra_state(self, state: dict) -> None:
-        if "bank" in state:
-            self.bank.load_state_dict(state["bank"])
+    def load_training_state(self, ckpt: dict) -> None:
+        super().load_training_state(ckpt)
+        self.bank.load_state_dict(ckpt["method"]["bank"])

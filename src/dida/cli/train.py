@@ -55,10 +55,22 @@ def _newest_run(cfg) -> Path | None:  # noqa: ANN001
     return runs[-1] if runs else None
 
 
+def _checkpoint_of(resume: str) -> Path:
+    """The checkpoint a `--resume RUN_DIR|CHECKPOINT` argument names."""
+    from dida.engine.checkpoint import find_latest
+    from dida.errors import UserError
+
+    path = Path(resume)
+    ckpt_path = find_latest(path) if path.is_dir() else path
+    if ckpt_path is None:
+        raise UserError(f"{path}: no checkpoint (latest.pth or iter_<N>.pth) in this folder")
+    return ckpt_path
+
+
 def resolve_run(args: argparse.Namespace):  # noqa: ANN201
     """(config, run_dir, resume) from the arguments."""
     from dida.config import apply_overrides, config_from_dict, load_config
-    from dida.engine.checkpoint import find_latest, load_checkpoint
+    from dida.engine.checkpoint import load_checkpoint
     from dida.errors import UserError
     from dida.experiments import find_experiment
 
@@ -66,12 +78,9 @@ def resolve_run(args: argparse.Namespace):  # noqa: ANN201
     if args.exp is None and args.config is None:
         if resume in (None, "auto"):
             raise UserError("give --exp ID or --config FILE (or --resume RUN_DIR|CHECKPOINT)")
-        path = Path(resume)
-        ckpt_path = find_latest(path) if path.is_dir() else path
-        if ckpt_path is None:
-            raise UserError(f"{path}: no checkpoint (latest.pth or iter_<N>.pth) in this folder")
-        ckpt = load_checkpoint(ckpt_path)
-        cfg = apply_overrides(config_from_dict(ckpt["config"], str(ckpt_path)), args.overrides)
+        ckpt_path = _checkpoint_of(resume)
+        config = load_checkpoint(ckpt_path, mmap=True)["config"]  # only the config is read
+        cfg = apply_overrides(config_from_dict(config, str(ckpt_path)), args.overrides)
         return cfg, args.work_dir or ckpt_path.parent, str(ckpt_path)
     path = find_experiment(args.exp).path if args.exp is not None else args.config
     cfg = load_config(path, args.overrides)
@@ -79,10 +88,7 @@ def resolve_run(args: argparse.Namespace):  # noqa: ANN201
         run_dir = args.work_dir or _newest_run(cfg)
         return cfg, run_dir or _new_run_dir(cfg), "auto"
     if resume is not None:
-        path = Path(resume)
-        ckpt_path = find_latest(path) if path.is_dir() else path
-        if ckpt_path is None:
-            raise UserError(f"{path}: no checkpoint (latest.pth or iter_<N>.pth) in this folder")
+        ckpt_path = _checkpoint_of(resume)
         return cfg, args.work_dir or ckpt_path.parent, str(ckpt_path)
     return cfg, args.work_dir or _new_run_dir(cfg), None
 

@@ -34,6 +34,8 @@ def check_inputs(cfg: ExperimentConfig) -> None:
             f"({cfg.model.num_classes}); set it to this dataset's thing classes or null"
         )
     bank = cfg.method.bank
+    if bank.init not in ("online", "random", "file"):
+        raise UserError(f"method.bank.init: '{bank.init}' is not one of online, random, file")
     if cfg.method.name == "dida" and bank.init == "file":
         if not bank.init_path or not Path(bank.init_path).exists():
             raise UserError(
@@ -43,9 +45,9 @@ def check_inputs(cfg: ExperimentConfig) -> None:
 
 def build_method(
     cfg: ExperimentConfig,
-    train_set,
+    train_set,  # noqa: ANN001
     device: torch.device,
-    rank: int = 0,  # noqa: ANN001
+    rank: int = 0,
 ) -> torch.nn.Module:
     """The method module of `cfg.method.name`, on `device`, with its own seeded torch generator."""
     from dida.adapt.daformer import DAFormer, SourceOnly
@@ -68,12 +70,7 @@ def build_method(
         log.warning("no pretrained weights: the ImageNet feature distance is switched off")
     generator = torch.Generator(device=device)
     generator.manual_seed(cfg.train.seed * 1000 + rank)
-    from dida.data.transforms import IMG_MEAN, IMG_STD
-
-    kwargs = dict(
-        num_classes=num_classes, imnet_encoder=imnet, generator=generator,
-        img_mean=tuple(float(v) for v in IMG_MEAN), img_std=tuple(float(v) for v in IMG_STD),
-    )  # fmt: skip
+    kwargs = dict(num_classes=num_classes, imnet_encoder=imnet, generator=generator)
     if cfg.method.name == "source_only":
         method = SourceOnly(student, cfg.method, **kwargs)
     elif cfg.method.name == "daformer":
@@ -90,14 +87,12 @@ def _init_bank(method, cfg: ExperimentConfig) -> None:  # noqa: ANN001
     from dida.engine.bank_io import read_bank_file
 
     bank_cfg = cfg.method.bank
+    bank = method.bank
     if bank_cfg.init == "file":
-        bank = method.bank
         feats, labels = read_bank_file(
             bank_cfg.init_path, size=bank.size, dim=bank.dim, num_classes=bank.num_classes
         )
-        method.bank.load_(feats, labels)
+        bank.load_(feats, labels)
         log.info("instance bank loaded from %s", bank_cfg.init_path)
     elif bank_cfg.init == "random":
-        method.bank.init_random_(torch.Generator().manual_seed(cfg.train.seed))
-    elif bank_cfg.init != "online":
-        raise UserError(f"method.bank.init: '{bank_cfg.init}' is not one of online, random, file")
+        bank.init_random_(torch.Generator().manual_seed(cfg.train.seed))

@@ -1,7 +1,7 @@
 """Training checkpoints: one dict per file, written atomically, read with `weights_only=True`.
 
 Layout: format, version, config (dict), iteration (the next iteration to run), student, teacher,
-method (other method state such as the instance bank), optimizer, scaler, rng (python, numpy, torch,
+method (DIDA: the instance bank), optimizer, scaler, rng (python, numpy, torch,
 cuda, method generator). `latest.pth` is replaced atomically; `iter_<N>.pth` are periodic keeps.
 """
 
@@ -10,6 +10,7 @@ from __future__ import annotations
 import os
 import random
 import re
+import shutil
 from pathlib import Path
 from typing import Any
 
@@ -37,13 +38,33 @@ def atomic_save(obj: Any, path: str | Path) -> None:
             tmp.unlink()
 
 
-def load_checkpoint(path: str | Path, map_location: str | torch.device = "cpu") -> dict:
-    """Read one of our checkpoints; errors name the file and what was expected."""
+def atomic_link(src: str | Path, path: str | Path) -> None:
+    """Make `path` a hard link to `src`, replacing it atomically (a copy where links fail)."""
+    path = Path(path)
+    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
+    tmp.unlink(missing_ok=True)
+    try:
+        try:
+            os.link(src, tmp)
+        except OSError:  # file systems without hard links
+            shutil.copyfile(src, tmp)
+        os.replace(tmp, path)
+    finally:
+        tmp.unlink(missing_ok=True)
+
+
+def load_checkpoint(
+    path: str | Path, map_location: str | torch.device = "cpu", mmap: bool = False
+) -> dict:
+    """Read one of our checkpoints; errors name the file and what was expected.
+
+    `mmap=True` maps the tensors instead of reading them (cheap when only `config` is needed).
+    """
     path = Path(path)
     if not path.is_file():
         raise CheckpointError(f"{path}: checkpoint not found")
     try:
-        ckpt = torch.load(path, map_location=map_location, weights_only=True)
+        ckpt = torch.load(path, map_location=map_location, weights_only=True, mmap=mmap)
     except Exception as err:
         raise CheckpointError(
             f"{path}: cannot read checkpoint ({type(err).__name__}: {str(err).splitlines()[0]})"
@@ -55,9 +76,10 @@ def load_checkpoint(path: str | Path, map_location: str | torch.device = "cpu") 
 
 def rng_state(generator: torch.Generator | None = None) -> dict:
     np_state = np.random.get_state(legacy=False)
+    py_version, py_state, _ = random.getstate()
     state = {
-        "python": list(random.getstate()[1]),
-        "python_version": random.getstate()[0],
+        "python": list(py_state),
+        "python_version": py_version,
         "numpy": {
             "key": torch.from_numpy(np_state["state"]["key"].astype(np.int64)),
             "pos": int(np_state["state"]["pos"]),
@@ -91,26 +113,26 @@ def set_rng_state(state: dict, generator: torch.Generator | None = None) -> None
         generator.set_state(state["generator"])
 
 
-def find_latest(run_dir: str | Path) -> Path | None:
-    """`latest.pth` if present, else the `iter_<N>.pth` with the largest N."""
-    run_dir = Path(run_dir)
-    latest = run_dir / "latest.pth"
-    if latest.is_file():
-        return latest
-    iters = sorted(
+def _periodic(run_dir: str | Path) -> list[tuple[int, Path]]:
+    """The run's `iter_<N>.pth` files, oldest first."""
+    return sorted(
         (int(m.group(1)), p)
-        for p in run_dir.glob("iter_*.pth")
+        for p in Path(run_dir).glob("iter_*.pth")
         if (m := re.fullmatch(r"iter_(\d+)\.pth", p.name))
     )
+
+
+def find_latest(run_dir: str | Path) -> Path | None:
+    """`latest.pth` if present, else the `iter_<N>.pth` with the largest N."""
+    latest = Path(run_dir) / "latest.pth"
+    if latest.is_file():
+        return latest
+    iters = _periodic(run_dir)
     return iters[-1][1] if iters else None
 
 
 def prune_checkpoints(run_dir: str | Path, keep: int) -> None:
     """Keep the newest `keep` periodic `iter_<N>.pth` files."""
-    iters = sorted(
-        (int(m.group(1)), p)
-        for p in Path(run_dir).glob("iter_*.pth")
-        if (m := re.fullmatch(r"iter_(\d+)\.pth", p.name))
-    )
+    iters = _periodic(run_dir)
     for _, path in iters[: max(0, len(iters) - keep)]:
         path.unlink(missing_ok=True)

@@ -8,7 +8,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from dida.data.transforms import IMG_MEAN, IMG_STD
+from dida.data.transforms import denormalize_tensor
 from dida.viz import colorize, make_panel, write_rgb
 
 ORDER = ("src_img", "src_label", "src_pred", "tgt_img", "pseudo_label", "mix_mask", "mixed_img",
@@ -18,9 +18,7 @@ ORDER = ("src_img", "src_label", "src_pred", "tgt_img", "pseudo_label", "mix_mas
 def _to_rgb(name: str, tensor: torch.Tensor) -> np.ndarray:
     t = tensor.detach().float().cpu()
     if t.dim() == 3:  # image [3, H, W], normalised
-        mean = torch.tensor(IMG_MEAN, dtype=torch.float32).view(3, 1, 1)
-        std = torch.tensor(IMG_STD, dtype=torch.float32).view(3, 1, 1)
-        return (t * std + mean).clamp(0, 255).byte().permute(1, 2, 0).numpy()
+        return denormalize_tensor(t).clamp(0, 255).byte().permute(1, 2, 0).numpy()
     if name in ("mix_mask", "pseudo_weight"):  # [H, W] in [0, 1]
         grey = (t.clamp(0, 1) * 255).byte().numpy()
         return np.repeat(grey[..., None], 3, axis=2)

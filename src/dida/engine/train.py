@@ -103,10 +103,14 @@ class _StopRequest:
 
 
 def _save(run_dir: Path, state: dict, iteration: int, keep: int, periodic: bool) -> None:
-    ckpt_io.atomic_save(state, run_dir / "latest.pth")
-    if periodic:
-        ckpt_io.atomic_save(state, run_dir / f"iter_{iteration}.pth")
-        ckpt_io.prune_checkpoints(run_dir, keep)
+    """Write `iter_<N>.pth` (periodic) and point `latest.pth` at it; serialised once."""
+    if not periodic:
+        ckpt_io.atomic_save(state, run_dir / "latest.pth")
+        return
+    path = run_dir / f"iter_{iteration}.pth"
+    ckpt_io.atomic_save(state, path)
+    ckpt_io.atomic_link(path, run_dir / "latest.pth")
+    ckpt_io.prune_checkpoints(run_dir, keep)
 
 
 def train(
@@ -127,8 +131,7 @@ def train(
 
 def _train(cfg, run_dir, resume, on_finish) -> dict:  # noqa: ANN001
     tcfg = cfg.train
-    device = resolve_device(tcfg.device)
-    dist_info = init_distributed(device.type)
+    dist_info = init_distributed(resolve_device(tcfg.device).type)
     device = resolve_device(tcfg.device, dist_info)
     setup_logging(None, dist_info.is_main)
     dtype = resolve_precision(tcfg.precision, device)
@@ -167,7 +170,6 @@ def _train(cfg, run_dir, resume, on_finish) -> dict:  # noqa: ANN001
     def state(iteration: int) -> dict:
         return _checkpoint_state(cfg, iteration, method, optimizer, scaler)
 
-    iteration = start
     t_start, t_window, n_window = time.perf_counter(), time.perf_counter(), 0
     with _StopRequest() as stop:
         for iteration, batch in zip(range(start, tcfg.max_iters), loader, strict=False):
@@ -295,9 +297,8 @@ def _evaluate(cfg, method, val_set, device, iteration, writer, dist_info) -> dic
     result = evaluate(
         method.student, val_set, num_classes=cfg.model.num_classes, mode=ecfg.mode,
         crop_size=ecfg.crop_size, stride=ecfg.stride, device=device, subsets=ecfg.subsets or None,
-        class_names=list(val_set.classes), progress=False,
+        progress=False,
     )  # fmt: skip
-    method.student.train()
     if dist_info.is_main:
         log.info("evaluation at iteration %d\n%s", iteration, format_results(result))
         writer.write(iteration, "val", to_jsonable(result))
