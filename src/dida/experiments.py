@@ -13,23 +13,24 @@ CONFIG_DIR = Path(__file__).resolve().parent / "configs"
 
 @dataclass(frozen=True)
 class Experiment:
-    exp: str
     path: Path
     config: ExperimentConfig
+
+    @property
+    def exp(self) -> str:
+        return self.config.exp
 
 
 def list_experiments() -> list[Experiment]:
     """Every shipped config, sorted by experiment id."""
-    found = []
-    for path in sorted(CONFIG_DIR.glob("*.yaml")):
-        cfg = load_config(path)
-        found.append(Experiment(exp=cfg.exp, path=path, config=cfg))
+    found = [Experiment(path, load_config(path)) for path in CONFIG_DIR.glob("*.yaml")]
     return sorted(found, key=lambda e: (len(e.exp), e.exp))
 
 
 def find_experiment(exp: str) -> Experiment:
-    matches = [e for e in list_experiments() if e.exp == str(exp)]
+    experiments = list_experiments()
+    matches = [e for e in experiments if e.exp == str(exp)]
     if not matches:
-        known = ", ".join(e.exp for e in list_experiments())
+        known = ", ".join(e.exp for e in experiments)
         raise UserError(f"unknown experiment '{exp}' (known: {known}; see `dida experiments`)")
     return matches[0]

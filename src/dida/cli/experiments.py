@@ -16,8 +16,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 def run(args: argparse.Namespace) -> int:
     from dida.experiments import list_experiments
 
+    experiments = list_experiments()
     rows = []
-    for e in list_experiments():
+    for e in experiments:
         c = e.config
         pair = f"{c.data.source.kind}->{c.data.target.kind}"
         rows.append((e.exp, c.method.name, pair, c.model.variant, str(c.train.seed), c.name))
@@ -27,7 +28,7 @@ def run(args: argparse.Namespace) -> int:
         print("  ".join(cell.ljust(w) for cell, w in zip(row, widths, strict=True)).rstrip())
     if args.paths:
         print()
-        for e in list_experiments():
+        for e in experiments:
             print(f"{e.exp}: {e.path}")
     print("\ntrain one with `dida train --exp ID [--set key=value ...]`")
     return 0

@@ -31,7 +31,7 @@ def init_distributed(device_type: str) -> DistInfo:
         return DistInfo()
     rank = int(os.environ["RANK"])
     local_rank = int(os.environ.get("LOCAL_RANK", "0"))
-    if not dist.is_initialized():
+    if not is_active():
         backend = "nccl" if device_type == "cuda" else "gloo"
         if device_type == "cuda":
             torch.cuda.set_device(local_rank)
@@ -39,23 +39,18 @@ def init_distributed(device_type: str) -> DistInfo:
     return DistInfo(rank=rank, world_size=world_size, local_rank=local_rank)
 
 
+def is_active() -> bool:
+    """Whether a process group is up (torchrun launch)."""
+    return dist.is_available() and dist.is_initialized()
+
+
 def get_rank_world() -> tuple[int, int]:
-    if dist.is_available() and dist.is_initialized():
-        return dist.get_rank(), dist.get_world_size()
-    return 0, 1
+    return (dist.get_rank(), dist.get_world_size()) if is_active() else (0, 1)
 
 
 def barrier() -> None:
-    if dist.is_available() and dist.is_initialized():
+    if is_active():
         dist.barrier()
-
-
-def broadcast_module_(module: torch.nn.Module, src: int = 0) -> None:
-    """Make every rank's parameters and buffers equal to rank `src`'s (no-op without a group)."""
-    if not (dist.is_available() and dist.is_initialized()):
-        return
-    for tensor in list(module.parameters()) + list(module.buffers()):
-        dist.broadcast(tensor.data, src)
 
 
 def broadcast_buffers_(module: torch.nn.Module, src: int = 0) -> None:
@@ -65,12 +60,12 @@ def broadcast_buffers_(module: torch.nn.Module, src: int = 0) -> None:
     from each rank's own batch: call this before anything reads them (teacher EMA, evaluation,
     checkpoints) so that every rank holds the same model.
     """
-    if not (dist.is_available() and dist.is_initialized()):
+    if not is_active():
         return
     for tensor in module.buffers():
         dist.broadcast(tensor.data, src)
 
 
 def cleanup() -> None:
-    if dist.is_available() and dist.is_initialized():
+    if is_active():
         dist.destroy_process_group()

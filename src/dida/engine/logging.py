@@ -80,11 +80,8 @@ class MetricWriter:
 
 
 def _json_default(obj: Any) -> Any:
-    if isinstance(obj, float) and not math.isfinite(obj):
-        return None
-    if hasattr(obj, "tolist"):
-        return obj.tolist()
-    return str(obj)
+    """Tensors and arrays as lists, anything else as its string."""
+    return obj.tolist() if hasattr(obj, "tolist") else str(obj)
 
 
 def format_duration(seconds: float) -> str:
