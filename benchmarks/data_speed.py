@@ -65,7 +65,6 @@ def _throughput(base: Path, workers: int, batches: int, batch_size: int) -> floa
         source=DatasetConfig(kind="gta", root=str(base / "gta"), scale=[1280, 720]),
         target=DatasetConfig(kind="cityscapes", root=str(base / "cityscapes")),
     )
-    cfg.rcs.min_pixels = 3000
     dataset = build_train_dataset(cfg, seed=0)
     loader = DataLoader(
         dataset, batch_size=batch_size, sampler=range(10**9), num_workers=workers, drop_last=True

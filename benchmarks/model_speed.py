@@ -72,19 +72,15 @@ class PeakMemory:
         self.peak_mib = (peak - self.base) / 2**20
 
 
-def _time(fn: Callable[[], None], device: torch.device, warmup: int, repeats: int) -> list[float]:
-    for _ in range(warmup):
-        fn()
-    times = []
-    for _ in range(repeats):
-        if device.type == "cuda":
-            torch.cuda.synchronize()
-        start = time.perf_counter()
-        fn()
-        if device.type == "cuda":
-            torch.cuda.synchronize()
-        times.append(time.perf_counter() - start)
-    return times
+def _time(fn: Callable[[], None], device: torch.device) -> float:
+    """Seconds of one call of `fn` (CUDA work included)."""
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+    start = time.perf_counter()
+    fn()
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+    return time.perf_counter() - start
 
 
 def _outputs(model: nn.Module, img: torch.Tensor) -> list[torch.Tensor]:
@@ -127,7 +123,7 @@ def measure(
         times: dict[str, list[float]] = {name: [] for name in models}
         for _ in range(repeats):
             for name, model in models.items():
-                times[name] += _time(lambda m=model, f=step: f(m, img), device, 0, 1)
+                times[name].append(_time(lambda m=model, f=step: f(m, img), device))
         for name in models:
             results[name][key] = statistics.median(times[name])
             results[name][key + "_min"] = min(times[name])

@@ -3,10 +3,14 @@
 from __future__ import annotations
 
 import os
+import socket
+import time
+from collections.abc import Callable
 from pathlib import Path
 
 import pytest
 import torch
+import torch.multiprocessing as mp
 
 SHARED_DATA = Path(__file__).resolve().parents[2] / "shared" / "data"
 
@@ -75,3 +79,23 @@ def tiny_overrides(root: Path, method: str = "daformer", iters: int = 4) -> list
         "optim.warmup_iters=2",
         "eval.scale=[128,64]",
     ]
+
+
+def free_port() -> int:
+    """A TCP port on 127.0.0.1 that is free right now (for gloo process groups)."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def run_two_ranks(fn: Callable, out: dict, timeout: float = 60.0) -> None:
+    """Run `fn(rank, 2, port, out)` in 2 forked processes; fail (not hang) after `timeout`."""
+    ctx = mp.start_processes(
+        fn, args=(2, free_port(), out), nprocs=2, join=False, start_method="fork"
+    )
+    deadline = time.monotonic() + timeout
+    while not ctx.join(timeout=0.5):
+        if time.monotonic() > deadline:
+            for proc in ctx.processes:
+                proc.kill()
+            pytest.fail(f"DDP workers did not finish in {timeout} s")

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
 import numpy as np
@@ -69,7 +70,6 @@ def test_show_synthia_cache(capsys: pytest.CaptureFixture[str]) -> None:
 
 
 def test_bank_init_from_a_checkpoint(tiny_uda_root: Path, tmp_path: Path) -> None:
-    import torch
     from conftest import tiny_overrides
 
     from dida.config import config_to_dict, load_config
@@ -81,7 +81,7 @@ def test_bank_init_from_a_checkpoint(tiny_uda_root: Path, tmp_path: Path) -> Non
     ckpt = tmp_path / "model.pth"
     torch.save({"format": "dida", "config": config_to_dict(cfg), "student": model.state_dict()},
                ckpt)  # fmt: skip
-    (tmp_path / "cfg.json").write_text(__import__("json").dumps(config_to_dict(cfg)))
+    (tmp_path / "cfg.json").write_text(json.dumps(config_to_dict(cfg)))
     out = tmp_path / "bank.pt"
     args = ["bank", "init", str(tmp_path / "cfg.json"), str(ckpt), "-o", str(out),
             "--set", "method.bank.size=8", "--device", "cpu"]  # fmt: skip

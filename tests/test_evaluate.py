@@ -3,15 +3,13 @@
 from __future__ import annotations
 
 import os
-import socket
-import time
-from collections.abc import Callable
 
 import pytest
 import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
 import torch.nn.functional as F
+from conftest import run_two_ranks
 from torch import nn
 from torch.utils.data import Dataset
 
@@ -99,20 +97,6 @@ def test_wrong_prediction_lowers_score() -> None:
     assert res["mIoU"] == 0.0 and res["aAcc"] == 0.0
 
 
-def _run_two_ranks(fn: Callable, out: dict, timeout: float = 60.0) -> None:
-    """Run `fn(rank, 2, port, out)` in 2 forked processes; fail (not hang) after `timeout`."""
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
-    ctx = mp.start_processes(fn, args=(2, port, out), nprocs=2, join=False, start_method="fork")
-    deadline = time.monotonic() + timeout
-    while not ctx.join(timeout=0.5):
-        if time.monotonic() > deadline:
-            for proc in ctx.processes:
-                proc.kill()
-            pytest.fail(f"DDP workers did not finish in {timeout} s")
-
-
 def _worker(rank: int, world: int, port: int, out: dict) -> None:
     torch.set_num_threads(1)  # a forked child must not enter the parent's OpenMP pool (hangs)
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
@@ -136,7 +120,7 @@ def _worker(rank: int, world: int, port: int, out: dict) -> None:
 
 def test_ddp_shards_without_duplicates_and_reduces() -> None:
     out = mp.Manager().dict()
-    _run_two_ranks(_worker, out)
+    run_two_ranks(_worker, out)
     (seen0, miou0, pix0), (seen1, miou1, pix1) = out[0], out[1]
     assert seen0 == ["img0.png", "img2.png", "img4.png"] and seen1 == ["img1.png", "img3.png"]
     assert miou0 == miou1 and pix0 == pix1  # every rank reports the global numbers

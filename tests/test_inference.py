@@ -2,12 +2,15 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
+import pytest
 import torch
 import torch.nn.functional as F
 from torch import nn
 
 from dida.eval.inference import slide_inference, whole_inference
-from dida.models import DAFormerHead, MiT, Segmentor
+from dida.models import Segmentor, build_segmentor
 
 
 class PixelModel(nn.Module):
@@ -23,13 +26,7 @@ class PixelModel(nn.Module):
 
 
 def tiny_segmentor() -> Segmentor:
-    encoder = MiT(
-        embed_dims=[8, 16, 32, 64],
-        num_heads=[1, 1, 1, 1],
-        depths=[1, 1, 1, 1],
-        sr_ratios=[8, 4, 2, 1],
-    )
-    return Segmentor(encoder, DAFormerHead(encoder.embed_dims, 4, embed_dim=16)).eval()
+    return build_segmentor("mit_tiny", num_classes=4, embed_dim=16).eval()
 
 
 def test_whole_upsamples_to_input_then_out_size() -> None:
@@ -48,21 +45,28 @@ def test_whole_upsamples_to_input_then_out_size() -> None:
     torch.testing.assert_close(out, expected)
 
 
-def test_slide_equals_whole_on_one_window() -> None:
-    model = tiny_segmentor()
-    img = torch.randn(2, 3, 64, 64)
+@pytest.mark.parametrize(
+    ("make_model", "img_shape", "out_size", "crop", "stride", "num_classes"),
+    [
+        (tiny_segmentor, (2, 3, 64, 64), (100, 100), (64, 64), (32, 32), 4),  # one window
+        (PixelModel, (1, 3, 50, 70), (50, 70), (32, 32), (20, 20), 3),  # overlaps average exactly
+        (PixelModel, (1, 3, 20, 30), (40, 60), (32, 32), (16, 16), 3),  # image smaller than crop
+    ],
+    ids=["one_window", "overlaps_average_exactly", "image_smaller_than_crop"],
+)
+def test_slide_equals_whole(
+    make_model: Callable[[], nn.Module],
+    img_shape: tuple[int, ...],
+    out_size: tuple[int, int],
+    crop: tuple[int, int],
+    stride: tuple[int, int],
+    num_classes: int,
+) -> None:
+    model = make_model()
+    img = torch.randn(*img_shape)
     with torch.no_grad():
-        whole = whole_inference(model, img, (100, 100))
-        slide = slide_inference(model, img, (100, 100), (64, 64), (32, 32), num_classes=4)
-    torch.testing.assert_close(slide, whole)
-
-
-def test_slide_averages_overlaps_exactly() -> None:
-    model = PixelModel()
-    img = torch.randn(1, 3, 50, 70)
-    with torch.no_grad():
-        whole = whole_inference(model, img, (50, 70))
-        slide = slide_inference(model, img, (50, 70), (32, 32), (20, 20), num_classes=3)
+        whole = whole_inference(model, img, out_size)
+        slide = slide_inference(model, img, out_size, crop, stride, num_classes=num_classes)
     torch.testing.assert_close(slide, whole)
 
 
@@ -85,12 +89,3 @@ def test_slide_window_count_and_coverage() -> None:
         )
     # mmseg grid: h 1 window, w (1024 - 512 + 340) // 341 + 1 = 3 windows, all full-size crops
     assert calls == [(512, 512)] * 3
-
-
-def test_slide_on_image_smaller_than_crop() -> None:
-    model = PixelModel()
-    img = torch.randn(1, 3, 20, 30)
-    with torch.no_grad():
-        slide = slide_inference(model, img, (40, 60), (32, 32), (16, 16), num_classes=3)
-        whole = whole_inference(model, img, (40, 60))
-    torch.testing.assert_close(slide, whole)

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import logging
 import os
-import socket
 import tempfile
 from pathlib import Path
 
@@ -12,6 +11,7 @@ import numpy as np
 import pytest
 import torch
 import torch.multiprocessing as mp
+from conftest import free_port
 
 from dida.adapt.instance_bank import InstanceBank, boundary_mask, class_vectors
 from dida.engine.bank_io import read_bank_file, save_bank_file
@@ -291,17 +291,11 @@ def _ddp_worker(rank: int, world: int, init: str, out_dir: str) -> None:
         torch.distributed.destroy_process_group()
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def test_ddp_ranks_end_with_identical_bank() -> None:
     if not torch.distributed.is_available():
         pytest.skip("torch.distributed not available")
     with tempfile.TemporaryDirectory() as out_dir:
-        init = f"tcp://127.0.0.1:{_free_port()}"
+        init = f"tcp://127.0.0.1:{free_port()}"
         mp.start_processes(
             _ddp_worker, args=(2, init, out_dir), nprocs=2, join=True, start_method="spawn"
         )

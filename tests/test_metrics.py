@@ -5,14 +5,12 @@ from __future__ import annotations
 import json
 import math
 import os
-import socket
-import time
-from collections.abc import Callable
 
 import pytest
 import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
+from conftest import run_two_ranks
 
 from dida.data.labels import CLASSES, SYNTHIA_13, SYNTHIA_16
 from dida.eval.metrics import (
@@ -127,20 +125,6 @@ def test_table_and_json_output() -> None:
     assert data["IoU"]["d"] is None and data["mIoU2"] == pytest.approx((0.5 + 2 / 3) / 2)
 
 
-def _run_two_ranks(fn: Callable, out: dict, timeout: float = 60.0) -> None:
-    """Run `fn(rank, 2, port, out)` in 2 forked processes; fail (not hang) after `timeout`."""
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
-    ctx = mp.start_processes(fn, args=(2, port, out), nprocs=2, join=False, start_method="fork")
-    deadline = time.monotonic() + timeout
-    while not ctx.join(timeout=0.5):
-        if time.monotonic() > deadline:
-            for proc in ctx.processes:
-                proc.kill()
-            pytest.fail(f"DDP workers did not finish in {timeout} s")
-
-
 def _ddp_worker(rank: int, world: int, port: int, out: dict) -> None:
     torch.set_num_threads(1)  # a forked child must not enter the parent's OpenMP pool (hangs)
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
@@ -157,6 +141,6 @@ def _ddp_worker(rank: int, world: int, port: int, out: dict) -> None:
 def test_confusion_matrix_is_all_reduced_under_ddp() -> None:
     manager = mp.Manager()
     out = manager.dict()
-    _run_two_ranks(_ddp_worker, out)
+    run_two_ranks(_ddp_worker, out)
     expected = confusion_matrix(PRED, LABEL, 4).tolist()
     assert out[0] == expected and out[1] == expected

@@ -7,7 +7,8 @@ import json
 import numpy as np
 import pytest
 
-from dida.data.benchmark import MARKER, make_synthetic_benchmark
+from dida.data.benchmark import MARKER, _render, make_synthetic_benchmark
+from dida.data.io import read_label
 from dida.data.labels import IGNORE_INDEX
 from dida.data.scenes import DOMAINS, SCENE_CLASSES, render_scene
 from dida.errors import DataError
@@ -101,9 +102,6 @@ def test_make_synthetic_benchmark_writes_converts_and_caches(tmp_path) -> None:
     assert len(list((cs / "leftImg8bit" / "val").rglob("*_leftImg8bit.png"))) == 2
     assert len(list((cs / "gtFine" / "train").rglob("*_gtFine_labelTrainIds.png"))) == 2
     # the converted trainIds equal what the generator drew (labelId round trip)
-    from dida.data.benchmark import _render
-    from dida.data.io import read_label
-
     _, expected = _render(3, "source", 0, (48, 80), "source")
     np.testing.assert_array_equal(read_label(gta / "labels" / "00001_labelTrainIds.png"), expected)
     again = make_synthetic_benchmark(tmp_path, **kwargs)

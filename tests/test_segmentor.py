@@ -10,13 +10,7 @@ from dida.models import DAFormerHead, MiT, Segmentor, build_segmentor, segmentor
 
 
 def tiny_segmentor(num_classes: int = 4) -> Segmentor:
-    encoder = MiT(
-        embed_dims=[8, 16, 32, 64],
-        num_heads=[1, 1, 1, 1],
-        depths=[1, 1, 1, 1],
-        sr_ratios=[8, 4, 2, 1],
-    )
-    return Segmentor(encoder, DAFormerHead(encoder.embed_dims, num_classes, embed_dim=16))
+    return build_segmentor("mit_tiny", num_classes=num_classes, embed_dim=16)
 
 
 def test_forward_returns_quarter_resolution_pair() -> None:

@@ -5,13 +5,12 @@ from __future__ import annotations
 import json
 import os
 import signal
-import socket
 from pathlib import Path
 
 import pytest
 import torch
 import torch.multiprocessing as mp
-from conftest import tiny_overrides
+from conftest import free_port, tiny_overrides
 
 from dida.cli.main import main
 from dida.config import load_config
@@ -115,12 +114,6 @@ def test_interrupt_writes_checkpoint_and_exits(
     assert not list(tmp_path.glob("iter_*.pth"))
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def _ddp_worker(rank: int, world: int, port: int, root: str, out: str) -> None:
     os.environ.update(RANK=str(rank), WORLD_SIZE=str(world), LOCAL_RANK=str(rank),
                       MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))  # fmt: skip
@@ -135,7 +128,7 @@ def _ddp_worker(rank: int, world: int, port: int, root: str, out: str) -> None:
 
 
 def test_two_process_gloo_run_keeps_ranks_identical(tiny_uda_root: Path, tmp_path: Path) -> None:
-    mp.start_processes(_ddp_worker, args=(2, _free_port(), str(tiny_uda_root), str(tmp_path)),
+    mp.start_processes(_ddp_worker, args=(2, free_port(), str(tiny_uda_root), str(tmp_path)),
                        nprocs=2, join=True, start_method="spawn")  # fmt: skip
     r0 = torch.load(tmp_path / "rank0.pt", weights_only=True)
     r1 = torch.load(tmp_path / "rank1.pt", weights_only=True)

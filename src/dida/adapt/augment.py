@@ -95,8 +95,9 @@ def gaussian_blur(
     """
     b, c, h, w = imgs.shape
     ky, kx = blur_kernel_size(h, max_kernel_size), blur_kernel_size(w, max_kernel_size)
-    ker_y = _gaussian_kernels_1d(sigma.to(imgs.dtype), ky).repeat_interleave(c, dim=0)  # [B*3, ky]
-    ker_x = _gaussian_kernels_1d(sigma.to(imgs.dtype), kx).repeat_interleave(c, dim=0)  # [B*3, kx]
+    sigma = sigma.to(imgs.dtype)
+    ker_y = _gaussian_kernels_1d(sigma, ky).repeat_interleave(c, dim=0)  # [B*3, ky]
+    ker_x = _gaussian_kernels_1d(sigma, kx).repeat_interleave(c, dim=0)  # [B*3, kx]
     x = imgs.reshape(1, b * c, h, w)  # [1, B*3, H, W]: one group per channel of every image
     x = F.pad(x, (kx // 2, kx // 2, ky // 2, ky // 2), mode="reflect")
     x = F.conv2d(x, ker_y.view(b * c, 1, ky, 1), groups=b * c)  # [1, B*3, H, W + kx - 1]
@@ -175,34 +176,6 @@ def color_jitter(
     return apply_color_jitter(imgs, params)
 
 
-def _photometric(
-    imgs: torch.Tensor,
-    *,
-    mean: MeanStd,
-    std: MeanStd,
-    color_jitter_strength: float,
-    color_jitter_p: float,
-    blur: bool,
-    generator: torch.Generator | None,
-    max_kernel_size: int | None,
-) -> torch.Tensor:
-    if imgs.dim() != 4 or imgs.shape[1] != 3 or not imgs.is_floating_point():
-        raise ValueError(
-            f"imgs must be a float [B, 3, H, W] tensor, got {imgs.dtype} {tuple(imgs.shape)}"
-        )
-    # one draw per batch for each decision, as the reference draws once per iteration
-    cj, bl = _uniform(2, 0.0, 1.0, generator, torch.device("cpu")).tolist()
-    out = imgs
-    if cj > color_jitter_p:
-        out = renorm(
-            color_jitter(denorm(out, mean, std), color_jitter_strength, generator), mean, std
-        )
-    if blur and bl > 0.5:
-        sigma = _uniform(imgs.shape[0], *BLUR_SIGMA_RANGE, generator, imgs.device)
-        out = gaussian_blur(out, sigma, max_kernel_size)
-    return out
-
-
 def strong_augment(
     imgs: torch.Tensor,
     *,
@@ -221,16 +194,21 @@ def strong_augment(
     Shapes:
         imgs: [B, 3, H, W] normalised; returned: [B, 3, H, W] normalised
     """
-    return _photometric(
-        imgs,
-        mean=mean,
-        std=std,
-        color_jitter_strength=color_jitter_strength,
-        color_jitter_p=color_jitter_p,
-        blur=blur,
-        generator=generator,
-        max_kernel_size=max_kernel_size,
-    )
+    if imgs.dim() != 4 or imgs.shape[1] != 3 or not imgs.is_floating_point():
+        raise ValueError(
+            f"imgs must be a float [B, 3, H, W] tensor, got {imgs.dtype} {tuple(imgs.shape)}"
+        )
+    # one draw per batch for each decision, as the reference draws once per iteration
+    cj, bl = _uniform(2, 0.0, 1.0, generator, torch.device("cpu")).tolist()
+    out = imgs
+    if cj > color_jitter_p:
+        out = renorm(
+            color_jitter(denorm(out, mean, std), color_jitter_strength, generator), mean, std
+        )
+    if blur and bl > 0.5:
+        sigma = _uniform(imgs.shape[0], *BLUR_SIGMA_RANGE, generator, imgs.device)
+        out = gaussian_blur(out, sigma, max_kernel_size)
+    return out
 
 
 def weak_augment(imgs: torch.Tensor, **kwargs) -> torch.Tensor:  # noqa: ANN003

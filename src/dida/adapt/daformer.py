@@ -12,7 +12,6 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
 from dida.adapt.augment import strong_augment, weak_augment
@@ -21,6 +20,7 @@ from dida.adapt.losses import accuracy, feature_distance_loss, pixel_weighted_ce
 from dida.adapt.teacher import EMATeacher, pseudo_label_from_probs
 from dida.config import MethodConfig
 from dida.data.transforms import IMG_MEAN, IMG_STD
+from dida.eval.inference import resize
 
 Backward = Callable[[torch.Tensor], None]
 
@@ -48,13 +48,6 @@ class TeacherOutput:
     probs: torch.Tensor  # [B, C, H, W] at crop resolution
     label: torch.Tensor  # [B, H, W]
     weight: torch.Tensor  # [B, H, W]
-
-
-def resize(x: torch.Tensor, size: tuple[int, int] | torch.Size) -> torch.Tensor:
-    """Bilinear, align_corners False, as every resize of logits in the reference."""
-    if tuple(x.shape[-2:]) == tuple(size):
-        return x
-    return F.interpolate(x, size=tuple(size), mode="bilinear", align_corners=False)
 
 
 class SourceOnly(nn.Module):

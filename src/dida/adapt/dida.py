@@ -12,7 +12,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from dida.adapt.daformer import DAFormer, SourceOutput, TeacherOutput, resize
+from dida.adapt.daformer import DAFormer, SourceOutput, TeacherOutput
 from dida.adapt.instance import (
     instance_loss,
     instance_similarity,
@@ -21,6 +21,7 @@ from dida.adapt.instance import (
 )
 from dida.adapt.instance_bank import InstanceBank
 from dida.config import MethodConfig
+from dida.eval.inference import resize
 
 
 def _nearest(labels: torch.Tensor, size: tuple[int, int]) -> torch.Tensor:

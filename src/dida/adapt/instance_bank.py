@@ -32,10 +32,12 @@ def boundary_mask(labels: torch.Tensor, threshold: int = 2) -> torch.Tensor:
     b, h, w = labels.shape
     # replicate padding only repeats values already inside each 3x3 window, so it ignores the border
     padded = F.pad(labels[:, None].float(), (1, 1, 1, 1), mode="replicate")  # [B, 1, h+2, w+2]
-    if threshold <= 2:
+    if threshold <= 1:
+        return torch.ones_like(labels, dtype=torch.bool)
+    if threshold == 2:  # two distinct labels <=> the window's max differs from its min
         hi = F.max_pool2d(padded, 3, stride=1)
         lo = -F.max_pool2d(-padded, 3, stride=1)
-        return (hi != lo)[:, 0] if threshold == 2 else torch.ones_like(labels, dtype=torch.bool)
+        return (hi != lo)[:, 0]
     windows = F.unfold(padded, kernel_size=3)  # [B, 9, h*w]
     ordered = windows.sort(dim=1).values
     distinct = 1 + (ordered[:, 1:] != ordered[:, :-1]).sum(dim=1)  # [B, h*w]
@@ -77,10 +79,9 @@ def class_vectors(
     counts.scatter_add_(1, flat_bins[:, 0], torch.ones_like(flat_bins[:, 0], dtype=torch.float32))
     sums = sums.transpose(1, 2)  # [B, nbins, D]
     if mode == "boundary":
-        all_sums = sums[:, :c] + sums[:, c + 1 : 2 * c + 1]
-        all_counts = counts[:, :c] + counts[:, c + 1 : 2 * c + 1]
         edge_sums, edge_counts = sums[:, c + 1 : 2 * c + 1], counts[:, c + 1 : 2 * c + 1]
-        means = all_sums / all_counts.clamp_min(1)[..., None]
+        all_counts = counts[:, :c] + edge_counts
+        means = (sums[:, :c] + edge_sums) / all_counts.clamp_min(1)[..., None]
         edge_means = edge_sums / edge_counts.clamp_min(1)[..., None]
         has_edge = (edge_counts > 0)[..., None]
         vectors = torch.where(has_edge, 0.5 * means + 0.5 * edge_means, means)

@@ -7,7 +7,6 @@ statistics; hence BN buffers are EMA'd with the parameters instead of keeping th
 from __future__ import annotations
 
 import copy
-from typing import Literal, overload
 
 import torch
 from torch import nn
@@ -89,34 +88,12 @@ class EMATeacher(nn.Module):
                 t.copy_(s)
 
 
-@overload
-def pseudo_label(
-    teacher_logits: torch.Tensor,
-    threshold: float = ...,
-    ignore_top: int = ...,
-    ignore_bottom: int = ...,
-    return_probs: Literal[False] = ...,
-) -> tuple[torch.Tensor, torch.Tensor]: ...
-
-
-@overload
-def pseudo_label(
-    teacher_logits: torch.Tensor,
-    threshold: float = ...,
-    ignore_top: int = ...,
-    ignore_bottom: int = ...,
-    *,
-    return_probs: Literal[True],
-) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]: ...
-
-
 def pseudo_label(
     teacher_logits: torch.Tensor,
     threshold: float = 0.968,
     ignore_top: int = 15,
     ignore_bottom: int = 120,
-    return_probs: bool = False,
-) -> tuple[torch.Tensor, torch.Tensor] | tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+) -> tuple[torch.Tensor, torch.Tensor]:
     """Hard pseudo-labels with the DACS batch-wide confidence weight.
 
     The weight is the fraction q of all pixels in the batch whose max probability is >= `threshold`,
@@ -124,19 +101,16 @@ def pseudo_label(
     0; clamped to the crop height). The softmax is computed in float32 whatever the logits' dtype.
 
     Returns:
-        `(pseudo_label, pseudo_weight)`, plus the softmax probabilities if `return_probs`.
+        `(pseudo_label, pseudo_weight)`.
 
     Shapes:
         teacher_logits: [B, C, H, W]
-        pseudo_label: [B, H, W] int64; pseudo_weight: [B, H, W] float32; probs: [B, C, H, W] float32
+        pseudo_label: [B, H, W] int64; pseudo_weight: [B, H, W] float32
     """
     if teacher_logits.dim() != 4:
         raise ValueError(f"teacher_logits must be [B, C, H, W], got {tuple(teacher_logits.shape)}")
     probs = torch.softmax(teacher_logits.detach().float(), dim=1)
-    label, weight = pseudo_label_from_probs(probs, threshold, ignore_top, ignore_bottom)
-    if return_probs:
-        return label, weight, probs
-    return label, weight
+    return pseudo_label_from_probs(probs, threshold, ignore_top, ignore_bottom)
 
 
 def pseudo_label_from_probs(

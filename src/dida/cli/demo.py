@@ -54,6 +54,7 @@ def collect_images(inputs: list[str]) -> list[Path]:
 
 
 def run(args: argparse.Namespace) -> int:
+    import numpy as np
     import torch
 
     from dida.config import load_config
@@ -83,7 +84,7 @@ def run(args: argparse.Namespace) -> int:
         pred = logits.argmax(dim=1)[0].cpu().numpy()  # [H, W]
         result = overlay(rgb, colorize(pred), args.opacity)
         if not args.no_legend:
-            result = draw_legend(result, sorted(set(pred.ravel().tolist())), names)
+            result = draw_legend(result, np.unique(pred).tolist(), names)
         out_dir = args.out or path.parent
         write_rgb(out_dir / f"{path.stem}_pred.png", result)
         print(f"{path} -> {out_dir / f'{path.stem}_pred.png'}")

@@ -192,8 +192,7 @@ def run(args: argparse.Namespace) -> int:
     results = evaluate(
         model, dataset, num_classes=cfg.model.num_classes, mode=cfg.eval.mode,
         crop_size=cfg.eval.crop_size, stride=cfg.eval.stride, device=device,
-        subsets=cfg.eval.subsets, class_names=getattr(dataset, "classes", None),
-        on_prediction=writer, progress=not args.no_progress,
+        subsets=cfg.eval.subsets, on_prediction=writer, progress=not args.no_progress,
         num_workers=cfg.eval.num_workers,
     )  # fmt: skip
     if info.is_main:

@@ -14,7 +14,9 @@ from pathlib import Path
 
 import numpy as np
 
+from dida.data.convert import convert_dataset
 from dida.data.scenes import render_scene
+from dida.data.synthetic import write_cityscapes_sample, write_gta_sample
 from dida.errors import DataError
 
 MARKER = "benchmark.json"
@@ -42,8 +44,6 @@ def _render(seed: int, stream: str, index: int, size: tuple[int, int], domain: s
 
 def _write_one(job: tuple[Path, _Params, str, int]) -> None:
     """Render and write sample `index` of `stream` ("source", "train" or "val")."""
-    from dida.data.synthetic import write_cityscapes_sample, write_gta_sample
-
     root, p, stream, index = job
     if stream == "source":
         image, labels = _render(p.seed, stream, index, p.source_size, "source")
@@ -110,8 +110,6 @@ def make_synthetic_benchmark(
     Raises:
         DataError: `root` holds a benchmark made with other parameters.
     """
-    from dida.data.convert import convert_dataset
-
     root = Path(root)
     params = _Params(seed, n_source, n_target_train, n_val, tuple(source_size), tuple(target_size))
     expected = json.loads(json.dumps(asdict(params)))  # tuples -> lists, as read back from JSON

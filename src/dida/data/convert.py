@@ -51,12 +51,11 @@ SPECS: dict[str, Spec] = {
 
 @dataclass(frozen=True)
 class Task:
-    """One label file to convert: how to read it, where to write, and its `file` entry."""
+    """One label file to convert: how to read it and where to write (also its `file` entry)."""
 
     kind: str
     src: str
     out: str
-    entry: str
     with_stats: bool
 
 
@@ -87,11 +86,8 @@ def _cityscapes_polygons_to_train_ids(path: str) -> np.ndarray:
     return np.array(createLabelImage(annotation, "trainIds"), dtype=np.uint8)
 
 
-_TABLES = {
-    "gta": lookup_table(CITYSCAPES_ID_TO_TRAINID, 256),
-    "cityscapes": lookup_table(CITYSCAPES_ID_TO_TRAINID, 256),
-    "synthia": lookup_table(SYNTHIA_ID_TO_TRAINID, 65536),
-}
+_CITYSCAPES_TABLE = lookup_table(CITYSCAPES_ID_TO_TRAINID, 256)  # also GTA's palette indices
+_SYNTHIA_TABLE = lookup_table(SYNTHIA_ID_TO_TRAINID, 65536)
 
 
 def to_train_ids(kind: str, src: str) -> np.ndarray:
@@ -101,15 +97,15 @@ def to_train_ids(kind: str, src: str) -> np.ndarray:
         returns: [H, W] uint8, same size as the input label.
     """
     if kind == "gta":
-        return _TABLES["gta"][io.read_palette_indices(src)]
+        return _CITYSCAPES_TABLE[io.read_palette_indices(src)]
     if kind == "synthia":
-        return _TABLES["synthia"][io.read_synthia_ids(src)]
+        return _SYNTHIA_TABLE[io.read_synthia_ids(src)]
     if src.endswith(".json"):
         return _cityscapes_polygons_to_train_ids(src)
     ids = io.read_unchanged(src)
     if ids.ndim != 2 or ids.dtype != np.uint8:
         raise DataError(f"{src}: expected a single-channel 8-bit labelIds PNG, got {ids.shape}")
-    return _TABLES["cityscapes"][ids]
+    return _CITYSCAPES_TABLE[ids]
 
 
 def convert_one(task: Task) -> dict[str, int | str] | None:
@@ -124,33 +120,26 @@ def convert_one(task: Task) -> dict[str, int | str] | None:
     if not task.with_stats:
         return None
     stats: dict[str, int | str] = dict(class_counts(train_ids))
-    stats["file"] = task.entry
+    stats["file"] = task.out
     return stats
 
 
-def _gta_synthia_tasks(kind: str, root: Path, gt_dir: str) -> list[Task]:
-    spec = SPECS[kind]
-    label_root = root / gt_dir
-    if not label_root.is_dir():
-        raise DataError(f"{label_root}: label folder not found")
+def _gta_synthia_tasks(kind: str, root: Path, label_root: Path) -> list[Task]:
     labels = sorted(p for p in label_root.rglob("*.png") if _SOURCE_LABEL.match(p.name))
     if not labels:
         raise DataError(f"{label_root}: no label PNGs (names ending in a digit + .png) found")
     tasks = []
     for label in labels:
         rel = label.relative_to(label_root)
-        image = root / spec.img_dir / rel
+        image = root / SPECS[kind].img_dir / rel
         if not image.is_file():
             raise DataError(f"{label}: label without image (expected {image})")
         out = label.with_name(label.stem + OUT_SUFFIX)
-        tasks.append(Task(kind, str(label), str(out), str(out), with_stats=True))
+        tasks.append(Task(kind, str(label), str(out), with_stats=True))
     return tasks
 
 
-def _cityscapes_tasks(root: Path, gt_dir: str) -> list[Task]:
-    label_root = root / gt_dir
-    if not label_root.is_dir():
-        raise DataError(f"{label_root}: label folder not found")
+def _cityscapes_tasks(label_root: Path) -> list[Task]:
     sources: dict[str, Path] = {}
     for path in label_root.rglob("*_polygons.json"):
         sources[str(path)[: -len("_polygons.json")]] = path
@@ -162,7 +151,7 @@ def _cityscapes_tasks(root: Path, gt_dir: str) -> list[Task]:
     for stem in sorted(sources):
         rel = Path(stem).relative_to(label_root).as_posix()
         out = stem + OUT_SUFFIX
-        tasks.append(Task("cityscapes", str(sources[stem]), out, out, with_stats="train/" in rel))
+        tasks.append(Task("cityscapes", str(sources[stem]), out, with_stats="train/" in rel))
     return tasks
 
 
@@ -201,10 +190,10 @@ def stats_files(stats: list[dict[str, int | str]]) -> dict[str, str]:
 
 
 def _split_lists(root: Path) -> dict[str, str]:
+    suffix = "_leftImg8bit.png"
     lists = {}
     for split in _CITYSCAPES_SPLITS:
         folder = root / SPECS["cityscapes"].img_dir / split
-        suffix = "_leftImg8bit.png"
         stems = sorted(
             p.relative_to(folder).as_posix()[: -len(suffix)] for p in folder.rglob(f"*{suffix}")
         )
@@ -251,11 +240,13 @@ def convert_dataset(
         raise DataError(f"{root}: dataset root not found")
     out = Path(out_dir) if out_dir is not None else root
     _check_writable(out)
-    gt_dir = gt_dir or spec.gt_dir
+    label_root = root / (gt_dir or spec.gt_dir)
+    if not label_root.is_dir():
+        raise DataError(f"{label_root}: label folder not found")
     if kind == "cityscapes":
-        tasks = _cityscapes_tasks(root, gt_dir)
+        tasks = _cityscapes_tasks(label_root)
     else:
-        tasks = _gta_synthia_tasks(kind, root, gt_dir)
+        tasks = _gta_synthia_tasks(kind, root, label_root)
     results = _run(tasks, nproc or spec.default_nproc, progress or (lambda it, total: it))
     stats = [s for s in results if s is not None]
     texts = stats_files(stats)

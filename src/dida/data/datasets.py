@@ -16,6 +16,7 @@ from torch.utils.data import Dataset
 
 from dida.config import DatasetConfig
 from dida.data import io
+from dida.data.convert import OUT_SUFFIX, SPECS
 from dida.data.labels import CLASSES, PALETTE
 from dida.data.transforms import eval_pipeline
 from dida.errors import DataError
@@ -32,17 +33,17 @@ class Layout:
 
 
 def default_layout(kind: str, split: str) -> Layout:
-    """The kind's default folders and suffixes (METHOD.md §4.1)."""
+    """The kind's default folders and suffixes (METHOD.md §4.1): where `dida convert` writes."""
     if kind in ("gta", "synthia"):
-        ann = "labels" if kind == "gta" else "GT/LABELS"
-        img = "images" if kind == "gta" else "RGB"
-        return Layout(img, ann, ".png", "_labelTrainIds.png")
+        spec = SPECS[kind]
+        return Layout(spec.img_dir, spec.gt_dir, ".png", OUT_SUFFIX)
     if kind == "cityscapes":
+        spec = SPECS[kind]
         return Layout(
-            f"leftImg8bit/{split}",
-            f"gtFine/{split}",
+            f"{spec.img_dir}/{split}",
+            f"{spec.gt_dir}/{split}",
             "_leftImg8bit.png",
-            "_gtFine_labelTrainIds.png",
+            f"_gtFine{OUT_SUFFIX}",
         )
     if kind == "folder":
         return Layout("", "", ".png", ".png")
@@ -163,7 +164,6 @@ class ValDataset(Dataset):
         self.classes = dataset.classes
         self.palette = dataset.palette
         self.img_root = dataset.img_root
-        self.files = dataset.files
 
     def __len__(self) -> int:
         return len(self.dataset)

@@ -18,9 +18,9 @@ from dida.errors import DataError
 
 def read_unchanged(path: str | Path, flags: int = cv2.IMREAD_UNCHANGED) -> np.ndarray:
     """Decode an image file with OpenCV (default: unchanged depth and channels, BGR order)."""
-    data = np.fromfile(str(path), dtype=np.uint8) if Path(path).is_file() else None
-    if data is None:
+    if not Path(path).is_file():
         raise DataError(f"{path}: file not found")
+    data = np.fromfile(str(path), dtype=np.uint8)
     array = cv2.imdecode(data, flags) if data.size else None
     if array is None:
         raise DataError(f"{path}: cannot decode image (corrupt or not an image file)")

@@ -31,7 +31,7 @@ SCENE_CLASSES: tuple[int, ...] = (
 
 @dataclass(frozen=True)
 class Material:
-    """A surface kind: its trainId and the HSV range its colour is drawn from (per domain)."""
+    """A surface kind: its trainId and the HSV range its colour is drawn from."""
 
     train_id: int
     hue: tuple[float, float]  # degrees, range may wrap past 360
@@ -39,32 +39,26 @@ class Material:
     val: tuple[float, float]  # 0..1
 
 
-def _m(tid: int, hue: tuple[float, float], sat: tuple[float, float], val: tuple[float, float]):
-    return Material(tid, hue, sat, val)
-
-
 # Both domains draw colours from the same per-class tables; the target then goes through a global
 # photometric change (`_domain_shift`, lighting, blur, noise, texture) in `_shade`.
-_MATERIALS: dict[str, dict[str, Material]] = {
-    "source": {
-        "sky": _m(SKY, (200, 215), (0.55, 0.8), (0.85, 1.0)),
-        "road": _m(ROAD, (250, 275), (0.15, 0.3), (0.35, 0.5)),
-        "marking": _m(ROAD, (50, 60), (0.0, 0.1), (0.85, 1.0)),
-        "sidewalk": _m(SIDEWALK, (300, 320), (0.3, 0.5), (0.7, 0.85)),
-        "facade": _m(BUILDING, (10, 40), (0.3, 0.6), (0.5, 0.8)),
-        "window": _m(BUILDING, (190, 210), (0.3, 0.5), (0.3, 0.5)),
-        "foliage": _m(VEGETATION, (95, 125), (0.7, 0.9), (0.45, 0.7)),
-        "trunk": _m(VEGETATION, (25, 35), (0.6, 0.8), (0.3, 0.4)),
-        "pole": _m(POLE, (0, 360), (0.0, 0.05), (0.55, 0.7)),
-        "sign": _m(SIGN, (50, 60), (0.9, 1.0), (0.85, 1.0)),
-        "light": _m(LIGHT, (30, 42), (0.85, 1.0), (0.8, 0.95)),
-        "car": _m(CAR, (0, 360), (0.7, 1.0), (0.5, 0.9)),
-        "glass": _m(CAR, (200, 220), (0.3, 0.5), (0.2, 0.35)),
-        "tyre": _m(CAR, (0, 360), (0.0, 0.1), (0.05, 0.15)),
-        "skin": _m(PERSON, (15, 30), (0.4, 0.6), (0.7, 0.9)),
-        "cloth": _m(PERSON, (330, 360), (0.8, 1.0), (0.6, 0.9)),
-        "bike": _m(BICYCLE, (150, 170), (0.8, 1.0), (0.5, 0.8)),
-    },
+_MATERIALS: dict[str, Material] = {
+    "sky": Material(SKY, (200, 215), (0.55, 0.8), (0.85, 1.0)),
+    "road": Material(ROAD, (250, 275), (0.15, 0.3), (0.35, 0.5)),
+    "marking": Material(ROAD, (50, 60), (0.0, 0.1), (0.85, 1.0)),
+    "sidewalk": Material(SIDEWALK, (300, 320), (0.3, 0.5), (0.7, 0.85)),
+    "facade": Material(BUILDING, (10, 40), (0.3, 0.6), (0.5, 0.8)),
+    "window": Material(BUILDING, (190, 210), (0.3, 0.5), (0.3, 0.5)),
+    "foliage": Material(VEGETATION, (95, 125), (0.7, 0.9), (0.45, 0.7)),
+    "trunk": Material(VEGETATION, (25, 35), (0.6, 0.8), (0.3, 0.4)),
+    "pole": Material(POLE, (0, 360), (0.0, 0.05), (0.55, 0.7)),
+    "sign": Material(SIGN, (50, 60), (0.9, 1.0), (0.85, 1.0)),
+    "light": Material(LIGHT, (30, 42), (0.85, 1.0), (0.8, 0.95)),
+    "car": Material(CAR, (0, 360), (0.7, 1.0), (0.5, 0.9)),
+    "glass": Material(CAR, (200, 220), (0.3, 0.5), (0.2, 0.35)),
+    "tyre": Material(CAR, (0, 360), (0.0, 0.1), (0.05, 0.15)),
+    "skin": Material(PERSON, (15, 30), (0.4, 0.6), (0.7, 0.9)),
+    "cloth": Material(PERSON, (330, 360), (0.8, 1.0), (0.6, 0.9)),
+    "bike": Material(BICYCLE, (150, 170), (0.8, 1.0), (0.5, 0.8)),
 }
 
 # per-class texture amplitudes (fine grain, coarse blotches) as a fraction of the colour
@@ -79,24 +73,27 @@ _TEXTURE: dict[str, dict[int, tuple[float, float]]] = {
 class _Canvas:
     """An instance-id map plus the material of every instance; drawing order is painter's order."""
 
-    def __init__(self, height: int, width: int, domain: str, rng: np.random.Generator) -> None:
+    def __init__(self, height: int, width: int, rng: np.random.Generator) -> None:
         self.height, self.width, self.rng = height, width, rng
         self.ids = np.zeros((height, width), dtype=np.uint16)
-        self.materials = _MATERIALS["source"]
         self.train_ids: list[int] = []
         self.colours: list[np.ndarray] = []
 
     def part(self, material: str) -> int:
         """Register one part with a freshly drawn colour of `material`; returns its instance id."""
-        mat = self.materials[material]
+        mat = _MATERIALS[material]
         h = self.rng.uniform(*mat.hue) % 360.0
         s, v = self.rng.uniform(*mat.sat), self.rng.uniform(*mat.val)
         self.train_ids.append(mat.train_id)
         self.colours.append(_hsv_to_rgb(h, s, v))
         return len(self.train_ids) - 1
 
+    def _pid(self, material: str | int) -> int:
+        """A new part of `material` (a name), or the existing part id `material` (an int)."""
+        return self.part(material) if isinstance(material, str) else material
+
     def poly(self, material: str | int, pts: np.ndarray) -> int:
-        pid = self.part(material) if isinstance(material, str) else material
+        pid = self._pid(material)
         cv2.fillPoly(self.ids, [np.round(pts).astype(np.int32)], pid)
         return pid
 
@@ -105,13 +102,13 @@ class _Canvas:
         return self.poly(material, pts)
 
     def ellipse(self, material: str | int, cx: float, cy: float, rx: float, ry: float) -> int:
-        pid = self.part(material) if isinstance(material, str) else material
+        pid = self._pid(material)
         axes = (max(1, round(rx)), max(1, round(ry)))
         cv2.ellipse(self.ids, (round(cx), round(cy)), axes, 0, 0, 360, pid, -1)
         return pid
 
     def line(self, material: str | int, p0, p1, thickness: float) -> int:
-        pid = self.part(material) if isinstance(material, str) else material
+        pid = self._pid(material)
         p0i, p1i = (round(p0[0]), round(p0[1])), (round(p1[0]), round(p1[1]))
         cv2.line(self.ids, p0i, p1i, pid, max(1, round(thickness)))
         return pid
@@ -140,8 +137,7 @@ class _Street:
 
     def x_at(self, edge: float, y: float) -> float:
         """Column of the line from the vanishing point to bottom column `edge`, at row `y`."""
-        t = (y - self.horizon) / (self.bottom - self.horizon)
-        return self.vp_x + (edge - self.vp_x) * t
+        return self.vp_x + (edge - self.vp_x) * self.depth(y)
 
     def depth(self, y: float) -> float:
         """Perspective scale in (0, 1]: 1 at the bottom row, 0 at the horizon."""
@@ -313,13 +309,12 @@ def _draw_objects(cv: _Canvas, st: _Street) -> None:
     """Trees, poles, cars, persons and bicycles, far to near so nearer ones occlude."""
     rng = cv.rng
     jobs: list[tuple[float, int, float]] = []  # (row, kind, column)
-    walk_mid = (0.6, 0.4)  # fraction from road edge to sidewalk outer edge
 
     def walk_point(side: int, t: float) -> tuple[float, float]:
         y = st.horizon + t * (st.bottom - st.horizon)
         road = st.x_at(st.road_l if side < 0 else st.road_r, y)
         outer = st.x_at(st.walk_l if side < 0 else st.walk_r, y)
-        u = rng.uniform(*sorted(walk_mid))
+        u = rng.uniform(0.4, 0.6)  # fraction of the way from road edge to sidewalk outer edge
         return road + (outer - road) * u, y
 
     counts = {0: rng.integers(1, 5), 1: rng.integers(1, 5), 3: rng.integers(0, 4)}
@@ -343,7 +338,7 @@ def render_labels(rng: np.random.Generator, height: int, width: int, domain: str
     """Draw the scene geometry; the returned canvas holds instance ids, trainIds and colours."""
     if domain not in DOMAINS:
         raise ValueError(f"domain must be one of {DOMAINS}, got {domain!r}")
-    cv = _Canvas(height, width, domain, rng)
+    cv = _Canvas(height, width, rng)
     cv.part("sky")
     st = _layout(rng, height, width)
     _draw_facades(cv, st, -1)
@@ -368,12 +363,11 @@ def _domain_shift(img: np.ndarray, rng: np.random.Generator) -> np.ndarray:
     return rgb * rng.uniform(0.9, 1.1, size=3).astype(np.float32)
 
 
-def _shade(cv: _Canvas, domain: str) -> np.ndarray:
+def _shade(cv: _Canvas, labels: np.ndarray, domain: str) -> np.ndarray:
     """Colour the instance map, add per-class texture, lighting, blur and noise; float32 RGB."""
     rng, h, w = cv.rng, cv.height, cv.width
     colours = np.stack(cv.colours)  # [P, 3]
     img = colours[cv.ids]  # [H, W, 3]
-    labels = np.asarray(cv.train_ids, dtype=np.uint8)[cv.ids]
     fine_amp, coarse_amp = np.zeros(256, np.float32), np.zeros(256, np.float32)
     for cls, (fa, ca) in _TEXTURE[domain].items():
         fine_amp[cls], coarse_amp[cls] = fa, ca
@@ -409,5 +403,5 @@ def render_scene(
     """
     cv = render_labels(rng, height, width, domain)
     labels = np.asarray(cv.train_ids, dtype=np.uint8)[cv.ids]
-    image = np.clip(_shade(cv, domain), 0, 255).astype(np.uint8)
+    image = np.clip(_shade(cv, labels, domain), 0, 255).astype(np.uint8)
     return image, labels

@@ -20,13 +20,20 @@ from dida.data.labels import (
     SYNTHIA_ID_TO_TRAINID,
 )
 
-# trainId -> dataset id (255 / unknown -> 0 = void/unlabeled in both datasets)
+# trainId -> dataset id (255 / unknown -> 0 = void/unlabeled in both datasets), and the GTA label
+# palette: labelId -> its class colour (unmapped ids black)
 _TRAIN_TO_CS = np.zeros(256, dtype=np.uint8)
 _TRAIN_TO_SYNTHIA = np.zeros(256, dtype=np.uint16)
+_GTA_PALETTE = np.zeros((256, 3), dtype=np.uint8)
 for _cs_id, _train_id in CITYSCAPES_ID_TO_TRAINID.items():
     _TRAIN_TO_CS[_train_id] = _cs_id
+    _GTA_PALETTE[_cs_id] = PALETTE[_train_id]
 for _sy_id, _train_id in SYNTHIA_ID_TO_TRAINID.items():
     _TRAIN_TO_SYNTHIA[_train_id] = _sy_id
+# random_sample's class colours by trainId (rows past the palette black), signed for the noise
+_COLOURS = np.zeros((256, 3), dtype=np.int16)
+_COLOURS[: len(PALETTE)] = PALETTE
+_DEFAULT_CLASSES = (0, 1, 2, 8, 10, 13)
 
 
 def _imwrite(path: Path, array: np.ndarray) -> None:
@@ -50,10 +57,7 @@ def write_gta_sample(
     root = Path(root)
     _imwrite(root / "images" / f"{stem}.png", image_rgb)
     label = Image.fromarray(_TRAIN_TO_CS[train_ids], mode="P")
-    palette = np.zeros((256, 3), dtype=np.uint8)
-    for cs_id, train_id in CITYSCAPES_ID_TO_TRAINID.items():
-        palette[cs_id] = PALETTE[train_id]
-    label.putpalette(palette.ravel().tolist())
+    label.putpalette(_GTA_PALETTE.ravel().tolist())
     path = root / "labels" / f"{stem}.png"
     path.parent.mkdir(parents=True, exist_ok=True)
     label.save(path)
@@ -140,10 +144,8 @@ def random_sample(
     rows = np.minimum(np.arange(height) * grid // height, grid - 1)
     cols = np.minimum(np.arange(width) * grid // width, grid - 1)
     train_ids = cells[rows[:, None], cols[None, :]]  # [H, W]
-    colours = np.zeros((256, 3), dtype=np.int16)
-    colours[: len(PALETTE)] = PALETTE
     noise = rng.integers(-20, 21, size=(height, width, 3), dtype=np.int16)
-    image = np.clip(colours[train_ids] + noise, 0, 255).astype(np.uint8)
+    image = np.clip(_COLOURS[train_ids] + noise, 0, 255).astype(np.uint8)
     return image, train_ids
 
 
@@ -158,15 +160,14 @@ def make_gta(
     n: int,
     size: tuple[int, int] = (64, 96),
     seed: int = 0,
-    classes: tuple[int, ...] = (0, 1, 2, 8, 10, 13),
+    classes: tuple[int, ...] = _DEFAULT_CLASSES,
 ) -> list[Path]:
     """Write `n` GTA samples 00001.png, ...; `size` is (height, width). Returns the label paths."""
     rng = np.random.default_rng(seed)
-    paths = []
-    for k in range(1, n + 1):
-        image, train_ids = random_sample(rng, size, classes)
-        paths.append(write_gta_sample(root, f"{k:05d}", image, train_ids))
-    return paths
+    return [
+        write_gta_sample(root, f"{k:05d}", *random_sample(rng, size, classes))
+        for k in range(1, n + 1)
+    ]
 
 
 def make_synthia(
@@ -174,15 +175,13 @@ def make_synthia(
     n: int,
     size: tuple[int, int] = (64, 96),
     seed: int = 0,
-    classes: tuple[int, ...] = (0, 1, 2, 8, 10, 13),
+    classes: tuple[int, ...] = _DEFAULT_CLASSES,
 ) -> list[Path]:
     """Write `n` SYNTHIA samples named 0000000.png ... ; `size` is (height, width)."""
     rng = np.random.default_rng(seed)
-    paths = []
-    for k in range(n):
-        image, train_ids = random_sample(rng, size, classes)
-        paths.append(write_synthia_sample(root, f"{k:07d}", image, train_ids))
-    return paths
+    return [
+        write_synthia_sample(root, f"{k:07d}", *random_sample(rng, size, classes)) for k in range(n)
+    ]
 
 
 def make_cityscapes(

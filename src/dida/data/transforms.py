@@ -15,6 +15,8 @@ from dida.data.labels import IGNORE_INDEX
 # ImageNet statistics on the 0..255 scale, RGB order
 IMG_MEAN: tuple[float, float, float] = (123.675, 116.28, 103.53)
 IMG_STD: tuple[float, float, float] = (58.395, 57.12, 57.375)
+_MEAN = np.asarray(IMG_MEAN, dtype=np.float32)
+_STD = np.asarray(IMG_STD, dtype=np.float32)
 _CROP_CHECKS = 10
 
 
@@ -98,16 +100,12 @@ def random_flip(
 
 def normalize(image: np.ndarray) -> np.ndarray:
     """ImageNet-normalise an RGB uint8 image. Shapes: [H, W, 3] uint8 -> [H, W, 3] float32."""
-    mean = np.asarray(IMG_MEAN, dtype=np.float32)
-    std = np.asarray(IMG_STD, dtype=np.float32)
-    return (image.astype(np.float32) - mean) / std
+    return (image.astype(np.float32) - _MEAN) / _STD
 
 
 def denormalize(image: np.ndarray) -> np.ndarray:
     """Inverse of `normalize`. Shapes: [H, W, 3] float32 -> [H, W, 3] uint8 (rounded, clipped)."""
-    mean = np.asarray(IMG_MEAN, dtype=np.float32)
-    std = np.asarray(IMG_STD, dtype=np.float32)
-    return np.clip(np.rint(image * std + mean), 0, 255).astype(np.uint8)
+    return np.clip(np.rint(image * _STD + _MEAN), 0, 255).astype(np.uint8)
 
 
 def normalize_tensor(image: torch.Tensor) -> torch.Tensor:

@@ -59,9 +59,10 @@ class StreamSampler(Sampler[int]):
 
 
 def resolve_device(name: str, dist_info: DistInfo | None = None) -> torch.device:
-    if name == "auto":
-        name = "cuda" if torch.cuda.is_available() else "cpu"
-    device = torch.device(name)
+    """`eval.evaluate.resolve_device`, then the local GPU of this rank under torchrun."""
+    from dida.eval.evaluate import resolve_device as resolve
+
+    device = resolve(name)
     if device.type == "cuda" and dist_info is not None and dist_info.enabled:
         device = torch.device("cuda", dist_info.local_rank)
     return device

@@ -12,12 +12,12 @@ from pathlib import Path
 from typing import Any
 
 import torch
-import torch.distributed as dist
 from torch import nn
 from torch.utils.data import DataLoader, Dataset, Subset
 
 from dida.config import ModelConfig
 from dida.data.labels import IGNORE_INDEX
+from dida.engine.distributed import get_rank_world
 from dida.errors import CheckpointError, UserError
 from dida.eval.inference import slide_inference, whole_inference
 from dida.eval.metrics import SegEvaluator
@@ -29,12 +29,6 @@ MODES = ("whole", "slide")
 
 def _first(batch: list[dict[str, Any]]) -> dict[str, Any]:
     return batch[0]
-
-
-def _rank_world() -> tuple[int, int]:
-    if dist.is_available() and dist.is_initialized():
-        return dist.get_rank(), dist.get_world_size()
-    return 0, 1
 
 
 def resolve_device(name: str | None) -> torch.device:
@@ -146,7 +140,7 @@ def evaluate(
     if class_names is None:
         class_names = getattr(dataset, "classes", None)
     device = torch.device(device)
-    rank, world = _rank_world()
+    rank, world = get_rank_world()
     shard = Subset(dataset, range(rank, len(dataset), world))  # type: ignore[arg-type]
     loader = DataLoader(shard, batch_size=1, num_workers=num_workers, collate_fn=_first)
     evaluator = SegEvaluator(

@@ -13,7 +13,8 @@ import torch.nn.functional as F
 from torch import nn
 
 
-def _resize(x: torch.Tensor, size: Sequence[int]) -> torch.Tensor:
+def resize(x: torch.Tensor, size: Sequence[int]) -> torch.Tensor:
+    """Bilinear, align_corners False, as every resize of logits and features in the reference."""
     if tuple(x.shape[2:]) == tuple(size):
         return x
     return F.interpolate(x, size=tuple(size), mode="bilinear", align_corners=False)
@@ -25,7 +26,7 @@ def encode_decode(model: nn.Module, img: torch.Tensor) -> torch.Tensor:
     Shapes: img: B×3×H×W -> B×C×H×W
     """
     logits = model(img)[0]
-    return _resize(logits, img.shape[2:])
+    return resize(logits, img.shape[2:])
 
 
 def whole_inference(model: nn.Module, img: torch.Tensor, out_size: Sequence[int]) -> torch.Tensor:
@@ -33,7 +34,7 @@ def whole_inference(model: nn.Module, img: torch.Tensor, out_size: Sequence[int]
 
     Shapes: img: B×3×H×W -> B×C×out_h×out_w
     """
-    return _resize(encode_decode(model, img), out_size)
+    return resize(encode_decode(model, img), out_size)
 
 
 def slide_inference(
@@ -72,4 +73,4 @@ def slide_inference(
                 )
             preds[:, :, y1:y2, x1:x2] += crop_logits
             count[:, :, y1:y2, x1:x2] += 1
-    return _resize(preds / count, out_size)
+    return resize(preds / count, out_size)

@@ -39,17 +39,19 @@ def confusion_matrix(
     pred = pred.reshape(-1).long().to(label.device)  # [N]
     valid = label != ignore_index
     label, pred = label[valid], pred[valid]
-    if label.numel() and (int(label.max()) >= num_classes or int(label.min()) < 0):
-        raise ValueError(f"label values must be in [0, {num_classes}) or {ignore_index}")
-    if pred.numel() and (int(pred.max()) >= num_classes or int(pred.min()) < 0):
-        raise ValueError(f"prediction values must be in [0, {num_classes})")
+    if label.numel():  # one min/max pass per tensor (full-resolution labels are large)
+        lo, hi = torch.aminmax(label)
+        if int(hi) >= num_classes or int(lo) < 0:
+            raise ValueError(f"label values must be in [0, {num_classes}) or {ignore_index}")
+        lo, hi = torch.aminmax(pred)
+        if int(hi) >= num_classes or int(lo) < 0:
+            raise ValueError(f"prediction values must be in [0, {num_classes})")
     counts = torch.bincount(label * num_classes + pred, minlength=num_classes * num_classes)
     return counts.reshape(num_classes, num_classes)  # [C, C]
 
 
 def _nanmean(values: torch.Tensor) -> float:
-    finite = values[~torch.isnan(values)]
-    return float(finite.mean()) if finite.numel() else math.nan
+    return float(torch.nanmean(values))  # NaN when every value is NaN
 
 
 def metrics_from_confusion(

@@ -13,7 +13,7 @@ import torch
 from torch import nn
 
 from dida.models.daformer_head import DAFormerHead
-from dida.models.mit import MiT
+from dida.models.mit import MiT, build_mit
 
 if TYPE_CHECKING:
     from dida.config import ModelConfig
@@ -69,8 +69,6 @@ def build_segmentor(
     drop_path_rate: float = 0.1,
 ) -> Segmentor:
     """Build MiT `variant` + DAFormer head, randomly initialised (see `load_pretrained`)."""
-    from dida.models.mit import build_mit
-
     encoder = build_mit(variant, drop_path_rate=drop_path_rate)
     head = DAFormerHead(encoder.embed_dims, num_classes, embed_dim, dilations, dropout)
     return Segmentor(encoder, head)

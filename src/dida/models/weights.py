@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import logging
 import re
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -83,9 +84,9 @@ def convert_hf_mit(state_dict: StateDict) -> StateDict:
     """
     renamed: StateDict = {}
     for key, value in state_dict.items():
-        name = key.removeprefix("segformer.")
-        if not name.startswith(("encoder.", "stages.")):
+        if not _is_hf_encoder_key(key):
             continue
+        name = key.removeprefix("segformer.")
         for pattern, template in _HF_STAGE_RULES:
             m = re.match(pattern, name)
             if m:
@@ -180,6 +181,21 @@ def convert_mmseg_checkpoint(state_dict: StateDict) -> StateDict:
     return out
 
 
+def _reason(err: Exception) -> str:
+    """The first line of an exception's message (or its type name), at most 200 characters."""
+    text = str(err).strip()
+    return (text.splitlines()[0] if text else type(err).__name__)[:200]
+
+
+def _is_hub_id(source: str | Path) -> bool:
+    """`owner/name` strings that are not checkpoint file names."""
+    return (
+        isinstance(source, str)
+        and _HF_ID.match(source) is not None
+        and not source.endswith((".pth", ".pt"))
+    )
+
+
 def _read_file(path: Path) -> Any:
     try:
         if path.suffix == ".safetensors":
@@ -188,17 +204,12 @@ def _read_file(path: Path) -> Any:
             return load_file(str(path))
         return torch.load(path, map_location="cpu", weights_only=True)
     except Exception as err:  # corrupt, truncated, pickled code, ...
-        reason = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
-        raise CheckpointError(f"{path}: cannot read weights ({reason[:200]})") from None
+        raise CheckpointError(f"{path}: cannot read weights ({_reason(err)})") from None
 
 
 def check_weights_source(source: str | Path) -> None:
     """Raise `load_pretrained`'s error for a local file that does not exist; never downloads."""
-    path = Path(source)
-    is_hub_id = isinstance(source, str) and _HF_ID.match(source) and not source.endswith(
-        (".pth", ".pt")
-    )
-    if not path.exists() and not is_hub_id:
+    if not Path(source).exists() and not _is_hub_id(source):
         _resolve(source)
 
 
@@ -211,7 +222,7 @@ def _resolve(source: str | Path) -> Path:
                     return path / name
             raise CheckpointError(f"{path}: folder has no model.safetensors or pytorch_model.bin")
         return path
-    if isinstance(source, str) and _HF_ID.match(source) and not source.endswith((".pth", ".pt")):
+    if _is_hub_id(source):
         return _download(source)
     hint = ""
     if path.name.startswith("mit_b") or str(source) == DEFAULT_PRETRAINED:
@@ -234,9 +245,8 @@ def _download(repo_id: str) -> Path:
             repo_id, allow_patterns=["*.safetensors", "*.json", "pytorch_model.bin"]
         )
     except Exception as err:
-        reason = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
         raise CheckpointError(
-            f"{repo_id}: cannot download from the Hugging Face hub (offline?): {reason[:200]}"
+            f"{repo_id}: cannot download from the Hugging Face hub (offline?): {_reason(err)}"
         ) from None
     return _resolve(folder)
 
@@ -262,26 +272,27 @@ def _is_hf_encoder_key(key: str) -> bool:
 def to_segmentor_names(state_dict: StateDict) -> tuple[StateDict, str, list[str]]:
     """Detect the layout and map it to Segmentor names; returns (state, layout, ignored keys)."""
     keys = [k.removeprefix("module.") for k in state_dict]
+    kept: Callable[[str], bool]
     if any(k.startswith(("model.backbone.", "backbone.", "model.decode_head.")) for k in keys):
-        used = (r"^(module\.)?(model\.)?(backbone|decode_head)\.", "mmseg")
-        converted = convert_mmseg_checkpoint(state_dict)
+        layout, converted = "mmseg", convert_mmseg_checkpoint(state_dict)
+        mmseg_key = re.compile(r"^(module\.)?(model\.)?(backbone|decode_head)\.")
+        kept = lambda k: mmseg_key.match(k) is not None  # noqa: E731
     elif any(".patch_embeddings." in k or k.startswith("stages.") for k in keys):
-        used = (None, "huggingface")
+        layout = "huggingface"
         converted = {"encoder." + k: v for k, v in convert_hf_mit(state_dict).items()}
+        kept = _is_hf_encoder_key
     elif any(k.startswith("patch_embed1.") for k in keys):
-        used = (r"^(?!head\.)", "nvlabs")
+        layout = "nvlabs"
         converted = {"encoder." + k: v for k, v in state_dict.items() if not k.startswith("head.")}
+        kept = lambda k: not k.startswith("head.")  # noqa: E731
     else:
-        used = (r"", "dida")
+        layout = "dida"
         # DDP / torch.compile wrappers of our own models
         converted = {
             k.removeprefix("module.").removeprefix("_orig_mod."): v for k, v in state_dict.items()
         }
-    pattern, layout = used
-    if pattern is None:
-        ignored = sorted(k for k in state_dict if not _is_hf_encoder_key(k))
-    else:
-        ignored = sorted(k for k in state_dict if not re.match(pattern, k))
+        kept = lambda k: True  # noqa: E731
+    ignored = sorted(k for k in state_dict if not kept(k))
     return converted, layout, ignored
 
 
@@ -380,7 +391,7 @@ def load_pretrained(module: Segmentor | MiT, source: str | Path) -> LoadReport:
         CheckpointError: missing/unreadable file, other MiT variant or other number of classes.
     """
     state_dict, config = read_weights(source)
-    variant = (config or {}).get("model", {}).get("variant") if config else None
+    variant = config.get("model", {}).get("variant") if config else None
     encoder = module.encoder if isinstance(module, Segmentor) else module
     if (
         variant
