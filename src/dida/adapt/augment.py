@@ -20,8 +20,10 @@ import torch
 import torch.nn.functional as F
 from kornia.enhance import adjust_brightness, adjust_contrast, adjust_hue, adjust_saturation
 
-IMAGENET_MEAN: tuple[float, float, float] = (123.675, 116.28, 103.53)
-IMAGENET_STD: tuple[float, float, float] = (58.395, 57.12, 57.375)
+from dida.data.transforms import IMG_MEAN, IMG_STD
+
+IMAGENET_MEAN: tuple[float, float, float] = IMG_MEAN
+IMAGENET_STD: tuple[float, float, float] = IMG_STD
 BLUR_SIGMA_RANGE: tuple[float, float] = (0.15, 1.15)
 
 MeanStd = Sequence[float] | torch.Tensor

@@ -24,7 +24,7 @@ from dida.config import MethodConfig
 from dida.eval.inference import resize
 
 
-def _nearest(labels: torch.Tensor, size: tuple[int, int]) -> torch.Tensor:
+def resize_labels(labels: torch.Tensor, size: tuple[int, int]) -> torch.Tensor:
     """Nearest-neighbour resize of a label map. Shapes: [B, H, W] -> [B, *size]."""
     if tuple(labels.shape[-2:]) == tuple(size):
         return labels
@@ -59,7 +59,7 @@ class DIDA(DAFormer):
         embed = src.embed.float()
         size = self._at_loss_resolution(tuple(src_label.shape[-2:]), tuple(embed.shape[-2:]))
         embed = resize(embed, size)
-        labels = _nearest(src_label, size)
+        labels = resize_labels(src_label, size)
         if not self.bank.is_full:
             self.bank.fill_online_(embed, labels)
         elif iteration % self.cfg.bank.update_interval == 0:
@@ -98,7 +98,7 @@ class DIDA(DAFormer):
                 calib = mixed_logits.detach().float()
         pixel_mask = None
         if icfg.target_pixels_only:
-            pixel_mask = 1.0 - _nearest(masks.long(), size).float()  # [B, *size]
+            pixel_mask = 1.0 - resize_labels(masks.long(), size).float()  # [B, *size]
         loss = instance_loss(
             mixed_embed.float(), teacher.embed, self.bank.feats, self.bank.labels, calib,
             normalisation=icfg.normalisation, tau_weak=icfg.tau_weak, tau_strong=icfg.tau_strong,

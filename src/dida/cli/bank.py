@@ -58,20 +58,14 @@ def _summary(feats, labels, num_classes: int) -> list[str]:
 
 
 def run(args: argparse.Namespace) -> int:
-    from dida.engine.bank_io import read_bank_file, save_bank_file
-    from dida.errors import UserError
+    from dida.engine.bank_io import read_bank_file
 
     if args.bank_command == "init":
         feats, labels, args.num_classes = _init_bank(args)
-        save_bank_file(args.output, feats, labels)
-        print(f"wrote {args.output}")
+        _save(args.output, feats, labels)
     elif args.bank_command == "import":
         feats, labels = read_bank_file(args.src, size=args.size, num_classes=args.num_classes)
-        try:
-            save_bank_file(args.output, feats, labels)
-        except OSError as err:
-            raise UserError(f"{args.output}: cannot write bank: {err.strerror}") from None
-        print(f"wrote {args.output}")
+        _save(args.output, feats, labels)
     else:
         feats, labels = read_bank_file(args.path, num_classes=args.num_classes)
     for line in _summary(feats, labels, args.num_classes):
@@ -79,13 +73,26 @@ def run(args: argparse.Namespace) -> int:
     return 0
 
 
+def _save(path: str, feats, labels) -> None:  # noqa: ANN001
+    from dida.engine.bank_io import save_bank_file
+    from dida.errors import UserError
+
+    try:
+        save_bank_file(path, feats, labels)
+    except OSError as err:
+        raise UserError(f"{path}: cannot write bank: {err.strerror}") from None
+    print(f"wrote {path}")
+
+
 def _init_bank(args: argparse.Namespace):  # noqa: ANN202
     """Fill a bank with per-image source class means of the checkpoint's fused feature."""
     import torch
     from tqdm import tqdm
 
+    from dida.adapt.dida import resize_labels
     from dida.adapt.instance_bank import InstanceBank
     from dida.config import load_config
+    from dida.data.labels import IGNORE_INDEX
     from dida.data.uda import build_train_dataset
     from dida.errors import UserError
     from dida.eval.evaluate import load_segmentor, resolve_device
@@ -95,16 +102,17 @@ def _init_bank(args: argparse.Namespace):  # noqa: ANN202
     model = load_segmentor(cfg.model, args.checkpoint, device)
     data = build_train_dataset(cfg.data, seed=cfg.train.seed)
     bank_cfg = cfg.method.bank
-    bank = InstanceBank(bank_cfg.size, cfg.model.embed_dim, cfg.model.num_classes).to(device)
+    bank = InstanceBank(
+        bank_cfg.size, cfg.model.embed_dim, cfg.model.num_classes, ignore_index=IGNORE_INDEX
+    ).to(device)
     bar = tqdm(range(args.max_crops), desc="bank", unit="crop")
     with torch.no_grad():
         for i in bar:
             item = data[i]
             img = item["src_img"][None].to(device)
             _, embed = model(img)  # [1, D, h, w]
-            label = item["src_label"][None, None].float().to(device)
-            label = torch.nn.functional.interpolate(label, size=embed.shape[-2:], mode="nearest")
-            if bank.fill_online_(embed.float(), label[:, 0].long()):
+            label = resize_labels(item["src_label"][None].to(device), embed.shape[-2:])
+            if bank.fill_online_(embed.float(), label):
                 break
             bar.set_postfix(filled=int(bank.count))
     if not bank.is_full:
