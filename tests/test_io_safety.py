@@ -35,7 +35,8 @@ def test_atomic_write_replaces_whole_file(tmp_path: Path) -> None:
     atomic_write(path, "one")
     atomic_write(path, b"two")
     atomic_write(path, lambda f: f.write(b"three"))
-    assert path.read_text() == "three" and sorted(p.name for p in path.parent.iterdir()) == ["b.txt"]
+    assert path.read_text() == "three"
+    assert sorted(p.name for p in path.parent.iterdir()) == ["b.txt"]
 
 
 def test_simulated_full_disk_keeps_the_old_file(

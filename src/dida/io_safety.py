@@ -62,7 +62,9 @@ def _same_file(a: Path, b: Path) -> bool:
     return a.resolve() == b.resolve()
 
 
-def check_writable_dir(folder: str | Path, what: str = "output folder", create: bool = True) -> Path:
+def check_writable_dir(
+    folder: str | Path, what: str = "output folder", create: bool = True
+) -> Path:
     """Make sure files can be created in `folder` (created when `create`); one-line errors.
 
     A probe file is created and removed, so read-only file systems and missing permissions are
