@@ -1,0 +1,337 @@
+"""The `dida predict` run: loaders over images and videos, batched prediction, output files.
+
+Output kinds: `label` (trainId PNG, or a labelId PNG through `label_table`), `color` (palette
+PNG) and `overlay` (image blended with the colours) for images and video frames, and `video`
+(the overlay at the source frame rate, mp4v) for videos. Outputs mirror the inputs' relative
+paths, are written atomically (temporary file + rename), and an existing file is never replaced
+unless `overwrite`. A file that cannot be read is reported, counted and skipped.
+"""
+
+from __future__ import annotations
+
+import os
+import time
+from collections.abc import Callable, Sequence
+from concurrent.futures import Future, ThreadPoolExecutor
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import cv2
+import numpy as np
+from torch.utils.data import DataLoader
+
+from dida.data.inputs import ImageInputs, InputFile, VideoFrames, video_info
+from dida.data.io import encode_png
+from dida.errors import DataError, UserError
+from dida.eval.predict import Predictor
+from dida.viz import colorize, overlay
+
+SAVE_KINDS = ("label", "color", "overlay", "video")
+FRAME_KINDS = ("label", "color", "overlay")
+_VIDEO_FOURCC = "mp4v"
+_VIDEO_SUFFIX = ".mp4"
+_PENDING_WRITES = 32  # PNG writes queued before the loop waits for the writer threads
+
+
+@dataclass
+class OutputOptions:
+    """Where and what to write. `image_kinds` apply to images, `video_kinds` to videos (frames as
+    PNG with `label`/`color`/`overlay`, the overlay video with `video`)."""
+
+    out_dir: Path
+    image_kinds: frozenset[str]
+    video_kinds: frozenset[str]
+    opacity: float = 0.5
+    palette: Any = None
+    label_table: np.ndarray | None = None  # [256] uint8 trainId -> written id
+    overwrite: bool = False
+
+    @property
+    def label_suffix(self) -> str:
+        return "_trainIds.png" if self.label_table is None else "_labelIds.png"
+
+
+@dataclass
+class PredictSummary:
+    images: int = 0
+    videos: int = 0
+    frames: int = 0
+    skipped: list[str] = field(default_factory=list)
+    seconds: float = 0.0
+
+    @property
+    def processed(self) -> int:
+        return self.images + self.frames
+
+    def text(self) -> str:
+        rate = self.processed / self.seconds if self.seconds > 0 else 0.0
+        done = f"predicted {self.images} images"
+        if self.videos:
+            done += f" and {self.videos} videos ({self.frames} frames)"
+        done += f" in {self.seconds:.1f} s ({rate:.2f} img/s)"
+        if self.skipped:
+            done += f"; skipped {len(self.skipped)} unreadable file(s)"
+        return done
+
+
+def _base(rel: Path) -> Path:
+    """`a/b_leftImg8bit.png` -> `a/b`: Cityscapes names lose their image suffix (--format-only)."""
+    stem = rel.stem.removesuffix("_leftImg8bit")
+    return rel.with_name(stem)
+
+
+def image_outputs(rel: Path, options: OutputOptions) -> dict[str, Path]:
+    base = options.out_dir / _base(rel)
+    names = {"label": options.label_suffix, "color": "_color.png", "overlay": "_overlay.png"}
+    return {
+        k: base.with_name(base.name + names[k]) for k in FRAME_KINDS if k in options.image_kinds
+    }
+
+
+def frame_outputs(rel: Path, index: int, options: OutputOptions) -> dict[str, Path]:
+    folder = options.out_dir / _base(rel)
+    names = {"label": options.label_suffix, "color": "_color.png", "overlay": "_overlay.png"}
+    kinds = [k for k in FRAME_KINDS if k in options.video_kinds]
+    return {k: folder / f"{index:06d}{names[k]}" for k in kinds}
+
+
+def video_output(rel: Path, options: OutputOptions) -> Path:
+    base = options.out_dir / _base(rel)
+    return base.with_name(base.name + "_overlay" + _VIDEO_SUFFIX)
+
+
+def check_outputs(entries: Sequence[InputFile], options: OutputOptions) -> None:
+    """Refuse two inputs with one output, and (without `overwrite`) outputs that exist already.
+
+    Raises:
+        UserError: naming the first conflicting output.
+    """
+    planned: dict[Path, Path] = {}
+    for entry in entries:
+        if entry.is_video:
+            paths = [video_output(entry.rel, options)] if "video" in options.video_kinds else []
+            if set(FRAME_KINDS) & options.video_kinds:
+                paths.append(options.out_dir / _base(entry.rel))  # the frames folder
+        else:
+            paths = list(image_outputs(entry.rel, options).values())
+        for path in paths:
+            if path in planned:
+                raise UserError(f"{planned[path]} and {entry.path} would both write {path}")
+            planned[path] = entry.path
+    if options.overwrite:
+        return
+    existing = [p for p in planned if p.is_file() or (p.is_dir() and any(p.iterdir()))]
+    if existing:
+        more = f" (and {len(existing) - 1} more outputs)" if len(existing) > 1 else ""
+        raise UserError(
+            f"{existing[0]}: exists already{more}; not overwritten: pass --overwrite or another -o"
+        )
+
+
+def place_file(tmp: Path, path: Path, overwrite: bool) -> None:
+    """Move a finished temporary file to `path`; without `overwrite` never replaces a file.
+
+    Raises:
+        DataError: `path` exists (without `overwrite`) or cannot be written.
+    """
+    try:
+        if overwrite:
+            os.replace(tmp, path)
+            return
+        try:
+            os.link(tmp, path)  # fails if `path` exists, even when it appeared meanwhile
+        except FileExistsError:
+            raise DataError(f"{path}: exists already, not overwritten") from None
+        except OSError:  # filesystems without hard links
+            if path.exists():
+                raise DataError(f"{path}: exists already, not overwritten") from None
+            os.replace(tmp, path)
+    except OSError as err:
+        raise DataError(f"{path}: cannot write ({err.strerror or err})") from None
+    finally:
+        tmp.unlink(missing_ok=True)
+
+
+def temp_path(path: Path) -> Path:
+    """A hidden temporary name beside `path` that keeps its suffix (OpenCV picks formats by it)."""
+    return path.with_name(f".{path.stem}.{os.getpid()}.tmp{path.suffix}")
+
+
+def write_png(path: Path, array: np.ndarray, overwrite: bool) -> None:
+    """Write a uint8 [H, W] or RGB [H, W, 3] PNG atomically."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = temp_path(path)
+    try:
+        tmp.write_bytes(encode_png(array))
+    except OSError as err:
+        tmp.unlink(missing_ok=True)
+        raise DataError(f"{path}: cannot write ({err.strerror or err})") from None
+    place_file(tmp, path, overwrite)
+
+
+class _VideoOut:
+    """An mp4v video written to a temporary file (opened at the first frame, whose size it takes)
+    and moved into place when finished."""
+
+    def __init__(self, path: Path, fps: float, overwrite: bool) -> None:
+        self.path, self.tmp, self.fps, self.overwrite = path, temp_path(path), fps, overwrite
+        self.writer: cv2.VideoWriter | None = None
+
+    def write(self, rgb: np.ndarray) -> None:
+        if self.writer is None:
+            self.path.parent.mkdir(parents=True, exist_ok=True)
+            fourcc = cv2.VideoWriter_fourcc(*_VIDEO_FOURCC)
+            size = (rgb.shape[1], rgb.shape[0])
+            self.writer = cv2.VideoWriter(str(self.tmp), fourcc, self.fps, size)
+            if not self.writer.isOpened():
+                raise DataError(
+                    f"{self.path}: cannot write video ({_VIDEO_FOURCC}, {self.fps} fps)"
+                )
+        self.writer.write(cv2.cvtColor(rgb, cv2.COLOR_RGB2BGR))
+
+    def close(self, keep: bool) -> None:
+        if self.writer is None:
+            return
+        self.writer.release()
+        if keep:
+            place_file(self.tmp, self.path, self.overwrite)
+        else:
+            self.tmp.unlink(missing_ok=True)
+
+
+class _Renderer:
+    """Builds and writes the output images of one prediction; PNG encoding runs in threads."""
+
+    def __init__(self, options: OutputOptions, pool: ThreadPoolExecutor) -> None:
+        self.options, self.pool = options, pool
+        self.pending: list[Future] = []
+
+    def images(self, item: dict[str, Any], label: np.ndarray, kinds: set[str]) -> dict[str, Any]:
+        out: dict[str, Any] = {}
+        if "label" in kinds:
+            table = self.options.label_table
+            out["label"] = label if table is None else table[label]
+        if kinds & {"color", "overlay", "video"}:
+            color = colorize(label, self.options.palette)
+            out["color"] = color
+            if kinds & {"overlay", "video"}:
+                out["overlay"] = overlay(item["image"], color, self.options.opacity)
+        return out
+
+    def write(self, paths: dict[str, Path], arrays: dict[str, Any]) -> None:
+        for kind, path in paths.items():
+            self.pending.append(
+                self.pool.submit(write_png, path, arrays[kind], self.options.overwrite)
+            )
+        while len(self.pending) > _PENDING_WRITES:
+            self.pending.pop(0).result()
+
+    def flush(self) -> None:
+        while self.pending:
+            self.pending.pop(0).result()  # re-raises a write error
+
+
+def _loader(dataset: Any, batch_size: int, num_workers: int) -> DataLoader:
+    return DataLoader(dataset, batch_size=batch_size, num_workers=num_workers, collate_fn=list)
+
+
+def _predict_images(
+    predictor: Predictor, entries: list[InputFile], scale: Sequence[int], render: _Renderer,
+    loader_args: tuple[int, int], bar: Any, summary: PredictSummary, log: Callable[[str], None],
+) -> None:  # fmt: skip
+    kinds = set(render.options.image_kinds)
+    dataset = ImageInputs(entries, scale, keep_image="overlay" in kinds)
+    for batch in _loader(dataset, *loader_args):
+        ready = []
+        for item in batch:
+            if "error" in item:
+                summary.skipped.append(item["error"])
+                log(f"skipped: {item['error']}")
+            else:
+                if item["note"]:
+                    log(f"note: {item['note']}")
+                ready.append(item)
+        for item, label in predictor.predict_items(ready):
+            rel = entries[item["index"]].rel
+            label = label.numpy().astype(np.uint8)
+            render.write(image_outputs(rel, render.options), render.images(item, label, kinds))
+            summary.images += 1
+        bar.update(len(batch))
+
+
+def _predict_video(
+    predictor: Predictor, entry: InputFile, fps: float, scale: Sequence[int], render: _Renderer,
+    loader_args: tuple[int, int], bar: Any, summary: PredictSummary, log: Callable[[str], None],
+) -> None:  # fmt: skip
+    options = render.options
+    kinds = set(options.video_kinds)
+    frames = VideoFrames(entry.path, scale, keep_image=bool(kinds & {"overlay", "video"}))
+    path = video_output(entry.rel, options)
+    video = (
+        _VideoOut(path, fps if fps > 0 else 30.0, options.overwrite) if "video" in kinds else None
+    )
+    count = 0
+    try:
+        for batch in _loader(frames, loader_args[0], min(loader_args[1], 1)):  # frames in order
+            for item, label in predictor.predict_items(batch):
+                arrays = render.images(item, label.numpy().astype(np.uint8), kinds)
+                render.write(frame_outputs(entry.rel, item["index"], options), arrays)
+                if video is not None:
+                    video.write(arrays["overlay"])
+            count += len(batch)
+            bar.update(len(batch))
+    finally:
+        if video is not None:
+            video.close(keep=count > 0)
+    if count == 0:
+        summary.skipped.append(f"{entry.path}: no frame could be decoded")
+        log(f"skipped: {summary.skipped[-1]}")
+    else:
+        summary.videos += 1
+        summary.frames += count
+
+
+def run_predictions(
+    predictor: Predictor,
+    entries: Sequence[InputFile],
+    *,
+    scale: Sequence[int],
+    options: OutputOptions,
+    batch_size: int = 4,
+    num_workers: int = 2,
+    progress: bool = True,
+    log: Callable[[str], None] = lambda message: None,
+) -> PredictSummary:
+    """Predict every image and video frame of `entries` and write the outputs of `options`.
+
+    Call `check_outputs` first: outputs found to exist here stop the run with a DataError.
+    """
+    from tqdm import tqdm
+
+    start = time.perf_counter()
+    summary = PredictSummary()
+    images = [e for e in entries if not e.is_video]
+    videos = []
+    for entry in (e for e in entries if e.is_video):
+        try:
+            videos.append((entry, video_info(entry.path)))
+        except DataError as err:
+            summary.skipped.append(str(err))
+            log(f"skipped: {err}")
+    total = len(images) + sum(info.frames for _, info in videos)
+    bar = tqdm(total=total, desc="predict", unit="img", disable=not progress, dynamic_ncols=True)
+    loader_args = (batch_size, num_workers)
+    with bar, ThreadPoolExecutor(max_workers=2) as pool:
+        render = _Renderer(options, pool)
+        try:
+            if images:
+                _predict_images(predictor, images, scale, render, loader_args, bar, summary, log)
+            for entry, info in videos:
+                _predict_video(
+                    predictor, entry, info.fps, scale, render, loader_args, bar, summary, log
+                )
+        finally:
+            render.flush()
+    summary.seconds = time.perf_counter() - start
+    return summary
