@@ -9,6 +9,7 @@ from pathlib import Path
 import cv2
 import numpy as np
 import pytest
+from PIL import Image
 from test_cli_test import make_run
 
 from dida.cli.main import main
@@ -59,7 +60,17 @@ def test_predict_folder_tree_odd_images_corrupt_file_and_video(
     _video(src / "clips" / "drive.mp4", frames=7, size=(48, 80), fps=5.0)
     out = tmp_path / "out"
 
-    argv = ["predict", str(run_dir), str(src), "-o", str(out), "--save", "label", "overlay"]
+    argv = [
+        "predict",
+        str(run_dir),
+        str(src),
+        "-o",
+        str(out),
+        "--save",
+        "label",
+        "color",
+        "overlay",
+    ]
     assert main([*argv, "video", "--workers", "1", "--batch-size", "3", "--no-progress"]) == 0
     captured = capsys.readouterr()
     assert "broken.png: cannot decode image" in captured.err
@@ -76,6 +87,12 @@ def test_predict_folder_tree_odd_images_corrupt_file_and_video(
     assert label.max() < 19 and len(np.unique(label)) > 1
     expected = overlay(cv2.cvtColor(bgr, cv2.COLOR_BGR2RGB), colorize(label), 0.5)
     assert np.array_equal(_read(out / "a_overlay.png"), expected)
+    # the colour output is a palette PNG: class colours when viewed, trainIds as its indices
+    assert np.array_equal(
+        cv2.cvtColor(cv2.imread(str(out / "a_color.png")), cv2.COLOR_BGR2RGB), colorize(label)
+    )
+    with Image.open(out / "a_color.png") as color:
+        assert color.mode == "P" and np.array_equal(np.array(color), label)
     # grayscale and RGBA inputs are predicted as their RGB versions
     for name, same in (("city/gray", "city/gray_as_rgb"), ("rgba", "rgba_as_rgb")):
         assert np.array_equal(

@@ -63,7 +63,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--device", help="cpu, cuda, cuda:1, ... (default: train.device)")
     parser.add_argument(
         "--precision", choices=("auto", "fp32", "bf16", "fp16"), default="auto",
-        help="autocast dtype (default auto: bf16 on GPUs that support it, else fp32)",
+        help="autocast dtype (default auto: bf16 on GPUs that support it, else fp32; "
+        "--onnx runs the exported fp32 graph)",
     )  # fmt: skip
     parser.add_argument(
         "--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",

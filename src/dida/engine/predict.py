@@ -1,14 +1,16 @@
 """The `dida predict` run: loaders over images and videos, batched prediction, output files.
 
 Output kinds: `label` (trainId PNG, or a labelId PNG through `label_table`), `color` (palette
-PNG) and `overlay` (image blended with the colours) for images and video frames, and `video`
-(the overlay at the source frame rate, mp4v) for videos. Outputs mirror the inputs' relative
-paths, are written atomically (temporary file + rename), and an existing file is never replaced
-unless `overwrite`. A file that cannot be read is reported, counted and skipped.
+PNG: class colours in viewers, trainIds as pixel values) and `overlay` (image blended with the
+colours) for images and video frames, and `video` (the overlay at the source frame rate, mp4v)
+for videos. Outputs mirror the inputs' relative paths, are written atomically (temporary file +
+rename), and an existing file is never replaced unless `overwrite`. A file that cannot be read is
+reported, counted and skipped.
 """
 
 from __future__ import annotations
 
+import io
 import os
 import time
 from collections.abc import Callable, Sequence
@@ -158,12 +160,28 @@ def temp_path(path: Path) -> Path:
     return path.with_name(f".{path.stem}.{os.getpid()}.tmp{path.suffix}")
 
 
-def write_png(path: Path, array: np.ndarray, overwrite: bool) -> None:
-    """Write a uint8 [H, W] or RGB [H, W, 3] PNG atomically."""
+def encode_palette_png(label: np.ndarray, palette: Any = None) -> bytes:
+    """A palette ('P') PNG: shows the class colours, and its pixel values are the trainIds.
+
+    Shapes:
+        label: [H, W] uint8 trainIds.
+    """
+    from PIL import Image
+
+    colors = colorize(np.arange(256, dtype=np.uint8)[None], palette)[0]  # [256, 3] lookup table
+    image = Image.fromarray(label, mode="P")
+    image.putpalette(colors.ravel().tolist())
+    buffer = io.BytesIO()
+    image.save(buffer, format="PNG")
+    return buffer.getvalue()
+
+
+def write_png(path: Path, data: np.ndarray | bytes, overwrite: bool) -> None:
+    """Write a uint8 [H, W] or RGB [H, W, 3] array (or encoded PNG bytes) atomically."""
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = temp_path(path)
     try:
-        tmp.write_bytes(encode_png(array))
+        tmp.write_bytes(data if isinstance(data, bytes) else encode_png(data))
     except OSError as err:
         tmp.unlink(missing_ok=True)
         raise DataError(f"{path}: cannot write ({err.strerror or err})") from None
@@ -212,11 +230,11 @@ class _Renderer:
         if "label" in kinds:
             table = self.options.label_table
             out["label"] = label if table is None else table[label]
-        if kinds & {"color", "overlay", "video"}:
+        if "color" in kinds:
+            out["color"] = encode_palette_png(label, self.options.palette)
+        if kinds & {"overlay", "video"}:
             color = colorize(label, self.options.palette)
-            out["color"] = color
-            if kinds & {"overlay", "video"}:
-                out["overlay"] = overlay(item["image"], color, self.options.opacity)
+            out["overlay"] = overlay(item["image"], color, self.options.opacity)
         return out
 
     def write(self, paths: dict[str, Path], arrays: dict[str, Any]) -> None:

@@ -15,6 +15,7 @@ import torch
 from torch import nn
 
 from dida.eval.evaluate import predict
+from dida.eval.inference import resize
 
 
 class _Autocast(nn.Module):
@@ -67,11 +68,15 @@ class Predictor:
     @torch.no_grad()
     def __call__(self, imgs: torch.Tensor, out_size: Sequence[int]) -> torch.Tensor:
         """Shapes: imgs: [B, 3, h, w] normalised -> [B, H, W] int64 trainIds on the CPU."""
+        imgs = imgs.to(self.device)
         logits = predict(
-            self.model, imgs.to(self.device), out_size, mode=self.mode, crop_size=self.crop_size,
+            self.model, imgs, imgs.shape[2:], mode=self.mode, crop_size=self.crop_size,
             stride=self.stride, num_classes=self.num_classes,
         )  # fmt: skip
-        return logits.argmax(dim=1).cpu()
+        # one image at a time to the original size: a 12-megapixel photo's logits alone take
+        # C·48 MB, so a batch of them would not fit; resizing per image gives the same numbers
+        labels = [resize(x[None], out_size).argmax(dim=1)[0].cpu() for x in logits]
+        return torch.stack(labels)  # [B, H, W]
 
     def predict_items(
         self, items: Sequence[dict[str, Any]]
