@@ -68,6 +68,7 @@ def tiny_overrides(root: Path, method: str = "daformer", iters: int = 4) -> list
         "method.teacher.ignore_bottom=4",
         "method.feat_dist.enabled=false",
         "method.bank.size=12",
+        "method.bank.init=online",  # the shipped banks need embed_dim 256 (tests with them set it)
         "method.bank.update_interval=2",
         f"train.max_iters={iters}",
         "train.log_interval=1",

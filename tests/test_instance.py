@@ -76,11 +76,12 @@ def test_zero_embedding_gives_no_nan() -> None:
     zero = torch.zeros(B, D, H, W, requires_grad=True)
     norm = normalise_similarity(instance_similarity(zero, bank))
     assert torch.isfinite(norm).all() and (norm == 0).all()
-    loss = instance_loss(zero, torch.zeros_like(teacher), bank, labels, probs)
+    kw = dict(calibrate_source="teacher_probs", safe=True)
+    loss = instance_loss(zero, torch.zeros_like(teacher), bank, labels, probs, **kw)
     loss.backward()
     assert torch.isfinite(loss) and loss.item() == 0.0
     assert torch.isfinite(zero.grad).all()
-    loss = instance_loss(zero, teacher, bank, labels, probs)
+    loss = instance_loss(zero, teacher, bank, labels, probs, **kw)
     assert torch.isfinite(loss) and loss.item() > 0
 
 
@@ -93,11 +94,15 @@ def test_loss_hand_computed() -> None:
     probs = torch.tensor([0.25, 0.75]).view(1, 2, 1, 1)
     # S_s = (1, 3) / 4; S_w = (2, 2) / 4; T ∝ (0.5·0.25, 0.5·0.75) = (0.25, 0.75)
     expected = 0.5 * -(0.25 * math.log(0.25) + 0.75 * math.log(0.75))
-    loss = instance_loss(student, teacher, bank, labels, probs, eps=0.0, log_eps=0.0)
-    assert loss.item() == pytest.approx(expected, rel=1e-6)
-    # without calibration T = S_w = (0.5, 0.5)
-    loss = instance_loss(student, teacher, bank, labels, None, eps=0.0, log_eps=0.0, weight=1.0)
-    assert loss.item() == pytest.approx(-(0.5 * math.log(0.25) + 0.5 * math.log(0.75)), rel=1e-6)
+    for safe in (False, True):  # the reference and the safe arithmetic agree here
+        loss = instance_loss(student, teacher, bank, labels, probs, eps=0.0, log_eps=0.0, safe=safe)
+        assert loss.item() == pytest.approx(expected, rel=1e-6)
+        # without calibration T = S_w = (0.5, 0.5)
+        loss = instance_loss(
+            student, teacher, bank, labels, None, eps=0.0, log_eps=0.0, weight=1.0, safe=safe
+        )
+        expected_uncal = -(0.5 * math.log(0.25) + 0.5 * math.log(0.75))
+        assert loss.item() == pytest.approx(expected_uncal, rel=1e-6)
 
 
 @pytest.mark.parametrize("source", ["teacher_probs", "student_mixed_logits"])
@@ -110,7 +115,7 @@ def test_loss_matches_materialised_reference(source: str, size: tuple[int, int])
     for pixel_mask in (None, mask):
         loss = instance_loss(
             student, teacher, bank, labels, calib, out_size=out_size, pixel_mask=pixel_mask,
-            calibrate_source=source, chunk_size=4,
+            calibrate_source=source, chunk_size=4, safe=True,
         )  # fmt: skip
         ref = _reference_loss(student, teacher, bank, labels, calib, size, source, pixel_mask)
         torch.testing.assert_close(loss, ref, rtol=1e-5, atol=1e-6)

@@ -1,4 +1,4 @@
-"""Tests for the EMA teacher (copy-init, warm-up EMA + BN buffers, eval mode) and pseudo-labels."""
+"""Tests for the EMA teacher (copy-init, warm-up EMA, BatchNorm modes) and pseudo-labels."""
 
 from __future__ import annotations
 
@@ -61,7 +61,7 @@ def test_iteration_zero_copies_params_and_all_buffers() -> None:
 
 def test_ema_math_on_params_and_bn_buffers() -> None:
     student = _tiny_student()
-    teacher = EMATeacher(student, alpha=0.999)
+    teacher = EMATeacher(student, alpha=0.999, bn="running")
     teacher.update(student, iteration=0)
     before = {k: v.clone() for k, v in teacher.model.state_dict().items()}
     _perturb_(student, seed=2)
@@ -95,9 +95,74 @@ def test_update_rejects_a_different_model() -> None:
         teacher.update(nn.Linear(2, 2), iteration=3)
 
 
+def test_batch_mode_averages_parameters_only() -> None:
+    student = _tiny_student()
+    teacher = EMATeacher(student, alpha=0.999, bn="batch")
+    _perturb_(student, seed=5)
+    teacher.update(student, iteration=0)  # iteration 0 copies everything
+    stats = teacher.model[1].running_mean.clone()
+    _perturb_(student, seed=6)
+    a = teacher.ema_alpha(7)
+    before = teacher.model[0].weight.clone()
+    teacher.update(student, iteration=7)
+    torch.testing.assert_close(teacher.model[0].weight, a * before + (1 - a) * student[0].weight)
+    assert torch.equal(teacher.model[1].running_mean, stats)  # buffers are not averaged
+    assert not torch.equal(student[1].running_mean, stats)
+
+
+@pytest.mark.parametrize("with_segmentor", [False, True])
+def test_batch_mode_teacher_equals_student_train_forward(with_segmentor: bool) -> None:
+    """The teacher's output is the student's train-mode forward with dropout/drop path off."""
+    if with_segmentor:
+        from dida.models import build_segmentor
+
+        student = build_segmentor("mit_tiny", num_classes=3, embed_dim=8, dilations=(1, 2))
+        x = torch.randn(3, 3, 32, 32)
+    else:
+        student = _tiny_student()
+        x = torch.randn(3, 3, 8, 8) * 2 + 1
+    _perturb_bn_(student)
+    teacher = EMATeacher(student, bn="batch")
+    teacher.update(student, iteration=0)
+    buffers = [b.clone() for b in teacher.model.buffers()]
+    out = teacher(x)
+    student.train()
+    for m in student.modules():  # dropout and drop path off, BatchNorm in train mode
+        if isinstance(m, nn.Dropout | nn.Dropout2d) or type(m).__name__ == "DropPath":
+            m.eval()
+    with torch.no_grad():
+        expected = student(x)
+    for got, want in zip(_as_tuple(out), _as_tuple(expected), strict=True):
+        torch.testing.assert_close(got, want, rtol=0, atol=0)
+    # a second call is identical (no randomness) and running statistics never move
+    for got, want in zip(_as_tuple(teacher(x)), _as_tuple(out), strict=True):
+        assert torch.equal(got, want)
+    assert all(torch.equal(a, b) for a, b in zip(teacher.model.buffers(), buffers, strict=True))
+    # ... and differs from the eval-mode (running statistics) teacher
+    running = EMATeacher(student, bn="running")
+    assert not torch.allclose(_as_tuple(running(x))[0], _as_tuple(out)[0])
+
+
+def _perturb_bn_(model: nn.Module) -> None:
+    g = torch.Generator().manual_seed(9)
+    for m in model.modules():
+        if isinstance(m, nn.BatchNorm2d):
+            m.running_mean.copy_(torch.randn(m.running_mean.shape, generator=g))
+            m.running_var.copy_(torch.rand(m.running_var.shape, generator=g) + 0.5)
+
+
+def _as_tuple(x: object) -> tuple:
+    return tuple(x) if isinstance(x, tuple | list) else (x,)
+
+
+def test_teacher_bn_mode_is_checked() -> None:
+    with pytest.raises(ValueError, match="BatchNorm mode"):
+        EMATeacher(_tiny_student(), bn="sync")
+
+
 def test_teacher_stays_in_eval_and_gets_no_grad() -> None:
     student = _tiny_student()
-    teacher = EMATeacher(student)
+    teacher = EMATeacher(student, bn="running")
     teacher.train()
     assert teacher.training
     assert all(not m.training for m in teacher.model.modules())

@@ -155,20 +155,29 @@ def test_run_exp_sh_trains_an_experiment(tiny_uda_root: Path, tmp_path: Path) ->
     assert load_checkpoint(tmp_path / "run" / "latest.pth")["iteration"] == 2
 
 
-def test_dida_trains_from_the_original_bank_files(tiny_uda_root: Path, tmp_path: Path) -> None:
-    from conftest import SHARED_DATA
-
-    cache = SHARED_DATA / "embedding_cache" / "gta_balanced_300"
-    if not cache.is_dir():
-        pytest.skip("reference embedding_cache not available")
-    extra = ["model.embed_dim=256", "method.bank.init=file", f"method.bank.init_path={cache}",
-             "method.bank.size=300"]  # fmt: skip
-    cfg = _cfg(tiny_uda_root, "dida", 2, extra)
-    seen = {}
-    train(cfg, tmp_path, on_finish=lambda m: seen.update(bank=m.bank.state_dict()))
-    counts = torch.bincount(seen["bank"]["labels"], minlength=19)
-    assert int(seen["bank"]["count"]) == 300 and int(counts.min()) >= 15  # the file's labels
-    records = (tmp_path / "metrics.jsonl").read_text()
+@pytest.mark.parametrize("exp", ["7", "8-intended"])
+def test_experiment_trains_with_the_shipped_bank(
+    tiny_uda_root: Path, tmp_path: Path, exp: str
+) -> None:
+    """`dida train --exp 7 --set model.pretrained=null` needs no bank file: the preset's shipped
+    bank is package data (tiny model and data, but the bank's real size K=300, D=256)."""
+    run_dir = tmp_path / "run"
+    args = ["train", "--exp", exp, "--work-dir", str(run_dir)]
+    keep = ("method.bank.", "model.embed_dim")  # the preset's own bank settings stay
+    overrides = [o for o in tiny_overrides(tiny_uda_root, "dida", 2) if not o.startswith(keep)]
+    extra = ["model.embed_dim=256", "method.bank.update_interval=1", "data.source.kind=gta"]
+    for item in overrides + extra:
+        args += ["--set", item]
+    assert main(args) == 0
+    resolved = json.loads(next(run_dir.glob("*.json")).read_text())["method"]
+    assert resolved["bank"]["init"] == "file"
+    assert resolved["bank"]["init_path"] == "builtin:synthia_300"
+    ckpt = load_checkpoint(run_dir / "latest.pth")
+    labels = ckpt["method"]["bank"]["labels"]
+    counts = torch.bincount(labels, minlength=19)
+    assert int(ckpt["method"]["bank"]["count"]) == 300
+    assert counts[[9, 14, 16]].sum() == 0 and int(counts[0]) == 20  # the SYNTHIA cache's labels
+    records = (run_dir / "metrics.jsonl").read_text()
     assert "instance.loss_in" in records  # a full bank: L_in from the first iteration
 
 

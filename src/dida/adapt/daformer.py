@@ -25,6 +25,11 @@ from dida.eval.inference import resize
 Backward = Callable[[torch.Tensor], None]
 
 
+def at_least_fp32(x: torch.Tensor) -> torch.Tensor:
+    """`x` in float32 unless it is already float32 or float64 (autocast outputs are 16-bit)."""
+    return x if x.dtype in (torch.float32, torch.float64) else x.float()
+
+
 @dataclass
 class StepLog:
     """What one training step reports: float metrics and, on debug iterations, detached images."""
@@ -156,13 +161,13 @@ class SourceOnly(nn.Module):
 class DAFormer(SourceOnly):
     """DACS self-training with an EMA teacher, ClassMix and photometric augmentation (§2.5).
 
-    The teacher is always in eval mode (docs/deviations.md); it sees the un-augmented target crop
-    unless `cfg.aug.weak_aug`.
+    The teacher normalises with its batch's statistics (`cfg.teacher.bn=batch`, the reference) or
+    runs in eval mode (`running`); it sees the un-augmented target crop unless `cfg.aug.weak_aug`.
     """
 
     def __init__(self, student: nn.Module, cfg: MethodConfig, **kwargs) -> None:  # noqa: ANN003
         super().__init__(student, cfg, **kwargs)
-        self.teacher = EMATeacher(student, alpha=cfg.teacher.alpha)
+        self.teacher = EMATeacher(student, alpha=cfg.teacher.alpha, bn=cfg.teacher.bn)
 
     def update_teacher(self, iteration: int) -> None:
         self.teacher.update(self.student, iteration)
@@ -199,14 +204,14 @@ class DAFormer(SourceOnly):
         if self.cfg.aug.weak_aug:
             tgt_img = weak_augment(tgt_img, **self._aug_kwargs())
         logits, embed = self.teacher(tgt_img)
-        logits = logits.float()
+        logits = at_least_fp32(logits)
         probs = torch.softmax(resize(logits, tgt_img.shape[-2:]), dim=1)
         probs = self.refine_probs(probs, embed)
         tcfg = self.cfg.teacher
         label, weight = pseudo_label_from_probs(
             probs, tcfg.pseudo_threshold, tcfg.ignore_top, tcfg.ignore_bottom
         )
-        return TeacherOutput(logits=logits, embed=embed.float(), probs=probs, label=label,
+        return TeacherOutput(logits=logits, embed=at_least_fp32(embed), probs=probs, label=label,
                              weight=weight)  # fmt: skip
 
     @torch.no_grad()

@@ -4,6 +4,10 @@ On top of the DAFormer step: the bank is filled/updated from the student's sourc
 the teacher's class probabilities may be smoothed by instance similarities ("scatter", §3.6), and
 the mixed forward gets L_in between the teacher's calibrated weak-view similarities ("gather",
 §3.5) and the student's mixed-view similarities (§3.7).
+
+The configuration's defaults are the released code's arithmetic (experiments 7 and 8): gather from
+the student's raw logits on the mixed image, similarities at input resolution, normalisers without
+epsilon, the reference bank update rule. `docs/deviations.md` lists the intended alternatives.
 """
 
 from __future__ import annotations
@@ -12,7 +16,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from dida.adapt.daformer import DAFormer, SourceOutput, TeacherOutput
+from dida.adapt.daformer import DAFormer, SourceOutput, TeacherOutput, at_least_fp32
 from dida.adapt.instance import (
     instance_loss,
     instance_similarity,
@@ -47,7 +51,7 @@ class DIDA(DAFormer):
         self.bank = InstanceBank(
             bank.size, embed_dim, self.num_classes, momentum=bank.momentum,
             update_mode=bank.update_mode, boundary_threshold=bank.boundary_threshold,
-            ignore_index=self.ignore_index,
+            ignore_index=self.ignore_index, update_rule=bank.update_rule,
         )  # fmt: skip
 
     def _at_loss_resolution(self, crop: tuple[int, int], feat: tuple[int, int]) -> tuple[int, int]:
@@ -55,14 +59,23 @@ class DIDA(DAFormer):
 
     @torch.no_grad()
     def after_source_step(self, src: SourceOutput, src_label: torch.Tensor, iteration: int) -> None:
-        """Online fill while the bank is not full, then a momentum update every N iterations."""
-        embed = src.embed.float()
+        """Online fill while the bank is not full, then one update event every N iterations.
+
+        The features are the student's source embedding of this iteration, upsampled to the loss
+        resolution (the reference uses the input resolution).
+        """
+        filling = not self.bank.is_full
+        if not filling and iteration % self.cfg.bank.update_interval != 0:
+            return
+        embed = at_least_fp32(src.embed)
+        if not filling and self.bank.update_rule == "reference":
+            embed = embed[:1]  # the reference reads image 0 only
         size = self._at_loss_resolution(tuple(src_label.shape[-2:]), tuple(embed.shape[-2:]))
         embed = resize(embed, size)
         labels = resize_labels(src_label, size)
-        if not self.bank.is_full:
+        if filling:
             self.bank.fill_online_(embed, labels)
-        elif iteration % self.cfg.bank.update_interval == 0:
+        else:
             self.bank.update_(embed, labels)
 
     @torch.no_grad()
@@ -71,10 +84,11 @@ class DIDA(DAFormer):
         icfg = self.cfg.instance
         if icfg.a_smooth >= 1.0 or not self.bank.is_full:
             return probs
-        sim = instance_similarity(teacher_embed.float(), self.bank.feats)  # [B, K, h, w]
+        sim = instance_similarity(at_least_fp32(teacher_embed), self.bank.feats)  # [B, K, h, w]
         sim = normalise_similarity(
-            resize(sim, probs.shape[-2:]), icfg.normalisation, tau=icfg.tau_weak, eps=icfg.eps
-        )
+            resize(sim, probs.shape[-2:]), icfg.normalisation, tau=icfg.tau_weak, eps=icfg.eps,
+            safe=icfg.safe_normaliser,
+        )  # fmt: skip
         return smooth_probs(probs, sim, self.bank.labels, icfg.a_smooth)
 
     def target_extra_loss(
@@ -95,16 +109,17 @@ class DIDA(DAFormer):
             if icfg.calibrate_source == "teacher_probs":
                 calib = teacher.probs if size == crop else torch.softmax(teacher.logits, dim=1)
             else:
-                calib = mixed_logits.detach().float()
+                calib = at_least_fp32(mixed_logits.detach())
         pixel_mask = None
         if icfg.target_pixels_only:
             pixel_mask = 1.0 - resize_labels(masks.long(), size).float()  # [B, *size]
         loss = instance_loss(
-            mixed_embed.float(), teacher.embed, self.bank.feats, self.bank.labels, calib,
+            at_least_fp32(mixed_embed), teacher.embed, self.bank.feats, self.bank.labels, calib,
             normalisation=icfg.normalisation, tau_weak=icfg.tau_weak, tau_strong=icfg.tau_strong,
             eps=icfg.eps, log_eps=icfg.log_eps, weight=icfg.weight,
             out_size=None if size == feat else size, pixel_mask=pixel_mask,
-            calibrate_source=icfg.calibrate_source, chunk_size=icfg.chunk_size,
+            calibrate_source=icfg.calibrate_source, safe=icfg.safe_normaliser,
+            chunk_size=icfg.chunk_size,
         )  # fmt: skip
         return loss, {"instance.loss_in": loss.item()}
 

@@ -27,6 +27,29 @@ def instance_similarity(embed: torch.Tensor, bank_feats: torch.Tensor) -> torch.
     return torch.einsum("bdhw,kd->bkhw", embed, bank_feats.to(embed.dtype))
 
 
+def _sum_normalise(
+    sim: torch.Tensor, dim: int, safe: bool, eps: float
+) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """S / Σ S over `dim` (see `normalise_similarity`), and where the normaliser is non-zero."""
+    if safe:
+        sim = sim.clamp_min(0)
+        return sim / (sim.sum(dim=dim, keepdim=True) + eps), None
+    den = sim.sum(dim=dim, keepdim=True)
+    ok = den != 0
+    out = torch.where(ok, sim / torch.where(ok, den, torch.ones_like(den)), torch.zeros_like(sim))
+    return out, ok.squeeze(dim)
+
+
+def _normalise(
+    sim: torch.Tensor, normalisation: str, tau: float, eps: float, dim: int, safe: bool
+) -> tuple[torch.Tensor, torch.Tensor | None]:
+    if normalisation == "sum":
+        return _sum_normalise(sim, dim, safe, eps)
+    if normalisation == "softmax":
+        return torch.softmax(sim / tau, dim=dim), None
+    raise ValueError(f"normalisation '{normalisation}': expected one of {NORMALISATIONS}")
+
+
 def normalise_similarity(
     sim: torch.Tensor,
     normalisation: str = "sum",
@@ -34,21 +57,60 @@ def normalise_similarity(
     tau: float = 1.0,
     eps: float = 1e-6,
     dim: int = 1,
+    safe: bool = False,
 ) -> torch.Tensor:
     """Turn similarities into a distribution over K (`dim`, 1 by default).
 
-    `sum`: S / (Σ_k S + eps) on S clamped at 0 (a zero embedding gives zeros, not NaN).
-    `softmax`: softmax(S / tau).
+    `sum`, `safe=False` (the reference): S / Σ_k S with no epsilon; where Σ_k S is exactly 0 the
+    result is 0 (the reference divides 0 by 0). `sum`, `safe=True`: S clamped at 0, divided by
+    Σ_k S + eps. `softmax`: softmax(S / tau).
 
     Shapes:
         sim: [B, K, ...] -> [B, K, ...]
     """
-    if normalisation == "sum":
-        sim = sim.clamp_min(0)
-        return sim / (sim.sum(dim=dim, keepdim=True) + eps)
-    if normalisation == "softmax":
-        return torch.softmax(sim / tau, dim=dim)
-    raise ValueError(f"normalisation '{normalisation}': expected one of {NORMALISATIONS}")
+    return _normalise(sim, normalisation, tau, eps, dim, safe)[0]
+
+
+def instance_target(
+    weak_sim: torch.Tensor,
+    calib: torch.Tensor | None,
+    bank_labels: torch.Tensor,
+    *,
+    normalisation: str = "sum",
+    tau: float = 1.0,
+    source: str = "student_mixed_logits",
+    safe: bool = False,
+    eps: float = 1e-6,
+    dim: int = 1,
+) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """The instance-level pseudo-label T over K from raw weak-view similarities (§3.4, §3.5).
+
+    Without `calib`: T = the normalised similarities. With it, the semantic → instance "gather":
+    T_k ∝ S_w,k · calib[l_k]. `safe=False` (the reference): T = S_w ⊙ G / Σ_k (S_w ⊙ G) with no
+    epsilon (T may be negative with raw logits; where the normaliser is 0, T is 0). `safe=True`:
+    the normalised S_w times G (clamped at 0 for `teacher_probs`), divided by the sum + eps.
+
+    Returns:
+        `(T, ok)`: `ok` is False where a normaliser was exactly 0 (None when `safe`).
+
+    Shapes:
+        weak_sim: [B, K, H, W], calib: [B, C, H, W], bank_labels: [K] -> [B, K, H, W], [B, H, W]
+        (or any layout with K and C at `dim`)
+    """
+    if calib is None:
+        return _normalise(weak_sim, normalisation, tau, eps, dim, safe)
+    if source not in CALIBRATE_SOURCES:
+        raise ValueError(f"calibrate source '{source}': expected one of {CALIBRATE_SOURCES}")
+    per_entry = calib.index_select(dim, bank_labels)  # [B, K, H, W] (K at `dim`)
+    if not safe:
+        # a positive per-pixel normalisation of S_w cancels in T, so the raw S_w is used
+        weak = torch.softmax(weak_sim / tau, dim=dim) if normalisation == "softmax" else weak_sim
+        return _sum_normalise(weak * per_entry, dim, safe=False, eps=0.0)
+    weak = _normalise(weak_sim, normalisation, tau, eps, dim, safe=True)[0]
+    if source == "teacher_probs":
+        per_entry = per_entry.clamp_min(0)
+    target = weak * per_entry
+    return target / (target.sum(dim=dim, keepdim=True) + eps), None
 
 
 def calibrate_similarity(
@@ -60,18 +122,17 @@ def calibrate_similarity(
     eps: float = 1e-6,
     dim: int = 1,
 ) -> torch.Tensor:
-    """Semantic → instance "gather": T_k ∝ S_w,k · P(l_k), renormalised over K.
+    """Semantic → instance "gather" on normalised similarities (`instance_target`, safe form).
 
-    `teacher_probs`: `calib` are class probabilities (clamped at 0). `student_mixed_logits`
-    (reference): raw logits, possibly negative; the normaliser gets only `eps`.
+    `teacher_probs`: `calib` are class probabilities (clamped at 0). `student_mixed_logits`: raw
+    logits, possibly negative; the normaliser gets only `eps`.
 
     Shapes:
         weak_sim_norm: [B, K, H, W], calib: [B, C, H, W], bank_labels: [K] -> [B, K, H, W]
-        (or any layout with K and C at `dim`)
     """
     if source not in CALIBRATE_SOURCES:
         raise ValueError(f"calibrate source '{source}': expected one of {CALIBRATE_SOURCES}")
-    per_entry = calib.index_select(dim, bank_labels)  # [B, K, H, W] (K at `dim`)
+    per_entry = calib.index_select(dim, bank_labels)
     if source == "teacher_probs":
         per_entry = per_entry.clamp_min(0)
     target = weak_sim_norm * per_entry
@@ -101,11 +162,11 @@ def smooth_probs(
 
 def _source_rows(r0: int, r1: int, h: int, out_h: int, device: torch.device):
     """Source rows and weights of output rows r0:r1 for bilinear, align_corners=False resizing."""
-    y = torch.arange(r0, r1, device=device, dtype=torch.float32)
+    y = torch.arange(r0, r1, device=device, dtype=torch.float64)
     src = ((y + 0.5) * (h / out_h) - 0.5).clamp_min(0)
     i0 = src.floor().long().clamp_max(h - 1)
     i1 = (i0 + 1).clamp_max(h - 1)
-    return i0, i1, src - i0.float()
+    return i0, i1, src - i0.to(src.dtype)
 
 
 def _rows(
@@ -141,7 +202,7 @@ class _EagerGradSum(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, sim: torch.Tensor, chunks: list) -> torch.Tensor:  # type: ignore[override]
-        total = sim.new_zeros((), dtype=torch.float32)
+        total = sim.new_zeros((), dtype=torch.promote_types(sim.dtype, torch.float32))
         grad = torch.zeros_like(sim)
         for lo, hi, fn in chunks:
             slab = sim[lo:hi].detach().requires_grad_(True)
@@ -193,10 +254,15 @@ def instance_loss(
     weight: float = 0.5,
     out_size: tuple[int, int] | None = None,
     pixel_mask: torch.Tensor | None = None,
-    calibrate_source: str = "teacher_probs",
+    calibrate_source: str = "student_mixed_logits",
+    safe: bool = False,
     chunk_size: int = 32,
 ) -> torch.Tensor:
     """L_in = λ · mean over (masked) pixels of Σ_k −T_k log(S_s,k + log_eps) (METHOD.md §3.7).
+
+    `safe=False` is the reference's arithmetic (normalisers without epsilon, `instance_target`); a
+    pixel whose weak or strong normaliser is exactly 0 (the reference's 0/0 = NaN) contributes 0
+    and no gradient, and still counts in the mean.
 
     T is the weak-view (teacher) distribution over the bank, calibrated with `calib` unless it is
     None, and carries no gradient; neither does the bank. `out_size` None works at feature
@@ -218,12 +284,12 @@ def instance_loss(
         raise ValueError(f"pixel_mask {tuple(pixel_mask.shape)}: expected {(b, out_h, out_w)}")
     # rows-first layout [h, B, K, w]: row chunks and row gathers are contiguous slices
     with torch.no_grad():
-        weak = torch.einsum("bdhw,kd->hbkw", teacher_embed.detach(), bank_feats).contiguous()
+        weak = torch.einsum(
+            "bdhw,kd->hbkw", teacher_embed.detach(), bank_feats.to(teacher_embed.dtype)
+        ).contiguous()
         if calib is not None:
             if tuple(calib.shape[2:]) != (out_h, out_w):
-                calib = F.interpolate(
-                    calib.float(), (out_h, out_w), mode="bilinear", align_corners=False
-                )
+                calib = F.interpolate(calib, (out_h, out_w), mode="bilinear", align_corners=False)
             calib = calib.permute(2, 0, 1, 3).contiguous()  # [H, B, C, W]
     strong = torch.einsum("bdhw,kd->hbkw", student_embed, bank_feats.to(student_embed.dtype))
     strong = strong.contiguous()  # [h, B, K, w]
@@ -231,17 +297,17 @@ def instance_loss(
 
     def chunk_loss(r0: int, r1: int, lo: int, hi: int, i0, i1, lam, slab) -> torch.Tensor:
         with torch.no_grad():
-            target = normalise_similarity(
-                _rows(weak[lo:hi], i0, i1, lam, out_w), normalisation, tau=tau_weak, eps=eps, dim=2
-            )
-            if calib is not None:
-                target = calibrate_similarity(
-                    target, calib[r0:r1], bank_labels, source=calibrate_source, eps=eps, dim=2
-                )
-        pred = normalise_similarity(
-            _rows(slab, i0, i1, lam, out_w), normalisation, tau=tau_strong, eps=eps, dim=2
+            target, _ = instance_target(
+                _rows(weak[lo:hi], i0, i1, lam, out_w), None if calib is None else calib[r0:r1],
+                bank_labels, normalisation=normalisation, tau=tau_weak, source=calibrate_source,
+                safe=safe, eps=eps, dim=2,
+            )  # fmt: skip
+        pred, ok = _normalise(
+            _rows(slab, i0, i1, lam, out_w), normalisation, tau_strong, eps, dim=2, safe=safe
         )
         per_pixel = -(target * torch.log(pred + log_eps)).sum(dim=2)  # [R, B, W]
+        if ok is not None:  # zero strong normaliser: no contribution (T is already 0 where its is)
+            per_pixel = torch.where(ok, per_pixel, torch.zeros_like(per_pixel))
         if mask is not None:
             per_pixel = per_pixel * mask[r0:r1]
         return per_pixel.sum()

@@ -1,9 +1,12 @@
 """DIDA's labelled instance bank: K source feature vectors with class labels (METHOD.md §3.2–3.3).
 
 The bank lives in registered buffers (saved in checkpoints, moved by `.to()`); it is filled online
-(class-balanced) or loaded, then pulled towards per-image source class vectors with momentum. Under
-torch.distributed every rank gathers every rank's per-image class vectors and applies them in
-rank-major order, so all ranks hold the identical bank.
+(class-balanced) or loaded, then pulled towards source class vectors with momentum, by one of two
+rules: `reference` (the released code, METHOD.md §3.3.1: one momentum step per update event with
+image 0's features averaged over the class positions of the whole batch, entries of absent classes
+decayed toward 0) or `per_image` (each image's own class vectors, absent classes untouched).
+Under torch.distributed every rank gathers every rank's class vectors and applies them in rank
+order, so all ranks hold the identical bank.
 Bank files are read and written by `dida.engine.bank_io`.
 """
 
@@ -19,6 +22,11 @@ from torch import nn
 logger = logging.getLogger(__name__)
 
 UPDATE_MODES = ("class_mean", "boundary")
+UPDATE_RULES = ("reference", "per_image")
+
+
+def _at_least_fp32(x: torch.Tensor) -> torch.Tensor:
+    return x if x.dtype in (torch.float32, torch.float64) else x.float()
 
 
 def boundary_mask(labels: torch.Tensor, threshold: int = 2) -> torch.Tensor:
@@ -59,7 +67,8 @@ def class_vectors(
     or the class mean where the class has no boundary pixel.
 
     Shapes:
-        embed: [B, D, h, w], labels: [B, h, w] -> vectors [B, C, D] float32, present [B, C] bool
+        embed: [B, D, h, w], labels: [B, h, w] -> vectors [B, C, D] (at least float32),
+        present [B, C] bool
     """
     b, d, h, w = embed.shape
     c = num_classes
@@ -73,10 +82,10 @@ def class_vectors(
     elif mode != "class_mean":
         raise ValueError(f"bank update mode '{mode}': expected one of {UPDATE_MODES}")
     flat_bins = bins.reshape(b, 1, h * w)  # [B, 1, h*w]
-    feats = embed.detach().float().reshape(b, d, h * w)  # [B, D, h*w]
+    feats = _at_least_fp32(embed.detach()).reshape(b, d, h * w)  # [B, D, h*w]
     sums = feats.new_zeros(b, d, nbins).scatter_add_(2, flat_bins.expand(b, d, h * w), feats)
-    counts = torch.zeros(b, nbins, dtype=torch.float32, device=embed.device)
-    counts.scatter_add_(1, flat_bins[:, 0], torch.ones_like(flat_bins[:, 0], dtype=torch.float32))
+    counts = feats.new_zeros(b, nbins)
+    counts.scatter_add_(1, flat_bins[:, 0], torch.ones_like(flat_bins[:, 0], dtype=feats.dtype))
     sums = sums.transpose(1, 2)  # [B, nbins, D]
     if mode == "boundary":
         edge_sums, edge_counts = sums[:, c + 1 : 2 * c + 1], counts[:, c + 1 : 2 * c + 1]
@@ -88,6 +97,28 @@ def class_vectors(
         return vectors, all_counts > 0
     counts = counts[:, :c]
     return sums[:, :c] / counts.clamp_min(1)[..., None], counts > 0
+
+
+def reference_class_means(
+    embed: torch.Tensor, labels: torch.Tensor, num_classes: int, ignore_index: int = 255
+) -> torch.Tensor:
+    """The released code's per-class vectors (METHOD.md §3.3.1), vectorised.
+
+    For class c, the positions p where *any* image of the batch has label c are collected (with
+    multiplicity: a position labelled c in two images counts twice) and image 0's features are
+    averaged over them. Classes absent from the batch get the zero vector.
+
+    Shapes:
+        embed: [B, D, h, w], labels: [B, h, w] -> [C, D] float32 (float64 stays float64)
+    """
+    c = num_classes
+    feats = _at_least_fp32(embed[0].detach()).flatten(1)  # [D, h*w]
+    valid = (labels >= 0) & (labels < c) & (labels != ignore_index)
+    bins = torch.where(valid, labels, torch.full_like(labels, c)).flatten(1)  # [B, h*w]
+    weights = F.one_hot(bins, c + 1)[..., :c].sum(0).to(feats.dtype)  # [h*w, C] multiplicities
+    sums = weights.t() @ feats.t()  # [C, D]
+    counts = weights.sum(0)[:, None]  # [C, 1]
+    return torch.where(counts > 0, sums / counts.clamp_min(1), torch.zeros_like(sums))
 
 
 def _gather_ranks(
@@ -138,10 +169,15 @@ class InstanceBank(nn.Module):
         update_mode: str = "class_mean",
         boundary_threshold: int = 2,
         ignore_index: int = 255,
+        update_rule: str = "per_image",
     ) -> None:
         super().__init__()
         if update_mode not in UPDATE_MODES:
             raise ValueError(f"bank update mode '{update_mode}': expected one of {UPDATE_MODES}")
+        if update_rule not in UPDATE_RULES:
+            raise ValueError(f"bank update rule '{update_rule}': expected one of {UPDATE_RULES}")
+        if update_rule == "reference" and update_mode != "class_mean":
+            raise ValueError("bank update rule 'reference' needs update_mode=class_mean")
         if size <= 0 or dim <= 0 or num_classes <= 0:
             raise ValueError(
                 f"bank size/dim/classes must be positive: {size}, {dim}, {num_classes}"
@@ -151,6 +187,7 @@ class InstanceBank(nn.Module):
         self.size, self.dim, self.num_classes = size, dim, num_classes
         self.momentum = momentum
         self.update_mode = update_mode
+        self.update_rule = update_rule
         self.boundary_threshold = boundary_threshold
         self.ignore_index = ignore_index
         self.register_buffer("feats", torch.zeros(size, dim))
@@ -160,7 +197,8 @@ class InstanceBank(nn.Module):
     def extra_repr(self) -> str:
         return (
             f"size={self.size}, dim={self.dim}, num_classes={self.num_classes}, "
-            f"momentum={self.momentum}, update_mode={self.update_mode}"
+            f"momentum={self.momentum}, update_mode={self.update_mode}, "
+            f"update_rule={self.update_rule}"
         )
 
     @property
@@ -195,7 +233,7 @@ class InstanceBank(nn.Module):
         labels = labels.long()
         if bool(((labels < 0) | (labels >= self.num_classes)).any()):
             raise ValueError(f"bank labels must lie in [0, {self.num_classes})")
-        self.feats.copy_(feats.float())
+        self.feats.copy_(feats)
         self.labels.copy_(labels)
         self.count.fill_(self.size)
         missing = (self.class_counts() == 0).nonzero().flatten().tolist()
@@ -237,14 +275,35 @@ class InstanceBank(nn.Module):
 
     @torch.no_grad()
     def update_(self, embed: torch.Tensor, labels: torch.Tensor) -> None:
-        """Momentum update of every entry towards its class vector, image by image in batch order.
+        """One update event with the configured rule (`reference` or `per_image`).
 
-        f_k ← m f_k + (1 − m) v_c for all k with l_k = c, for each class c present in the image;
-        entries of absent classes are left untouched.
+        `reference`: f_k ← m f_k + (1 − m) v_{l_k} once, with v from `reference_class_means`
+        (absent classes: v = 0, so their entries decay). Only image 0 is read, so callers may
+        pass `embed[:1]` with the full `labels`. `per_image`: for each image in batch order,
+        f_k ← m f_k + (1 − m) v_c for all k with l_k = c and c present in that image.
 
         Shapes:
-            embed: [B, D, h, w], labels: [B, h, w]
+            embed: [B, D, h, w] (or [1, D, h, w] for `reference`), labels: [B, h, w]
         """
+        if self.update_rule == "reference":
+            self._update_reference_(embed, labels)
+        else:
+            self._update_per_image_(embed, labels)
+
+    def _update_reference_(self, embed: torch.Tensor, labels: torch.Tensor) -> None:
+        self._check_inputs(embed, labels, any_batch=True)
+        means = reference_class_means(
+            embed.to(self.feats.device), labels.to(self.feats.device), self.num_classes,
+            self.ignore_index,
+        )  # fmt: skip
+        present = torch.ones(1, self.num_classes, dtype=torch.bool, device=means.device)
+        events, _ = _gather_ranks(means[None], present)
+        n = int(self.count)
+        feats, entry_labels = self.feats[:n], self.labels[:n]
+        for cache in events:  # one event per rank, in rank order
+            feats.lerp_(cache.index_select(0, entry_labels).to(feats.dtype), 1.0 - self.momentum)
+
+    def _update_per_image_(self, embed: torch.Tensor, labels: torch.Tensor) -> None:
         self._check_inputs(embed, labels)
         vectors, present = _gather_ranks(*self._class_vectors(embed, labels, self.update_mode))
         n = int(self.count)
@@ -274,11 +333,15 @@ class InstanceBank(nn.Module):
         self.labels[n] = label
         self.count += 1
 
-    def _check_inputs(self, embed: torch.Tensor, labels: torch.Tensor) -> None:
+    def _check_inputs(
+        self, embed: torch.Tensor, labels: torch.Tensor, any_batch: bool = False
+    ) -> None:
         if embed.dim() != 4 or embed.shape[1] != self.dim:
             raise ValueError(
                 f"embedding of shape {tuple(embed.shape)}: expected [B, {self.dim}, h, w]"
             )
         expected = (embed.shape[0], *embed.shape[2:])
+        if any_batch and labels.dim() == 3 and labels.shape[1:] == embed.shape[2:]:
+            return
         if tuple(labels.shape) != expected:
             raise ValueError(f"labels of shape {tuple(labels.shape)}: expected {expected}")

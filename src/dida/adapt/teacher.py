@@ -1,7 +1,12 @@
 """EMA teacher and its confidence-weighted pseudo-labels (DACS; METHOD.md §1.1, §2.5 steps 1, 11).
 
-Project decision (docs/deviations.md): the teacher is always in eval mode, so BatchNorm uses running
-statistics; hence BN buffers are EMA'd with the parameters instead of keeping their initial value.
+Two BatchNorm modes (`method.teacher.bn`):
+
+* `batch` (the reference, default): the teacher runs like the student in train mode, but with
+  dropout and drop path off; its BatchNorm layers normalise with the statistics of the batch they
+  see (the target batch) and never update running statistics. Only parameters are averaged.
+* `running`: the teacher is in eval mode, BatchNorm uses running statistics, and those buffers are
+  EMA'd with the parameters.
 """
 
 from __future__ import annotations
@@ -10,6 +15,9 @@ import copy
 
 import torch
 from torch import nn
+from torch.nn.modules.batchnorm import _BatchNorm
+
+BN_MODES = ("batch", "running")
 
 
 def _unwrap(model: nn.Module) -> nn.Module:
@@ -23,8 +31,31 @@ def _unwrap(model: nn.Module) -> nn.Module:
             return model
 
 
+def set_batch_norm_mode_(model: nn.Module, bn: str) -> nn.Module:
+    """Inference mode for `model`, except BatchNorm in `batch` mode (batch statistics, no update).
+
+    Every other module (dropout, drop path, ...) is in eval mode. In `batch` mode each BatchNorm
+    layer is in train mode with `track_running_stats=False`: it normalises with the statistics of
+    its current input and leaves its running buffers alone.
+    """
+    if bn not in BN_MODES:
+        raise ValueError(f"teacher BatchNorm mode '{bn}': expected one of {BN_MODES}")
+    model.eval()
+    if bn == "batch":
+        for m in model.modules():
+            if isinstance(m, _BatchNorm):
+                m.train()
+                m.track_running_stats = False
+    return model
+
+
 class EMATeacher(nn.Module):
-    """Exponential-moving-average copy of a student segmentor, frozen and always in eval mode.
+    """Exponential-moving-average copy of a student segmentor, frozen, never in training mode.
+
+    Args:
+        student: the model to copy (DDP / compile wrappers are unwrapped).
+        alpha: the EMA momentum cap.
+        bn: `batch` (reference) or `running`; see the module docstring.
 
     Example:
         >>> teacher = EMATeacher(student, alpha=0.999)
@@ -32,19 +63,23 @@ class EMATeacher(nn.Module):
         >>> out = teacher(target_img)                 # no graph is built
     """
 
-    def __init__(self, student: nn.Module, alpha: float = 0.999) -> None:
+    def __init__(self, student: nn.Module, alpha: float = 0.999, bn: str = "batch") -> None:
         super().__init__()
         if not 0.0 <= alpha <= 1.0:
             raise ValueError(f"EMA alpha must be in [0, 1], got {alpha}")
         self.alpha = alpha
+        self.bn = bn
         self.model = copy.deepcopy(_unwrap(student))
         self.model.requires_grad_(False)
-        self.model.eval()
+        set_batch_norm_mode_(self.model, bn)
+
+    def extra_repr(self) -> str:
+        return f"alpha={self.alpha}, bn={self.bn}"
 
     def train(self, mode: bool = True) -> EMATeacher:
-        """Record `mode` on the wrapper but keep the copied model in eval mode."""
+        """Record `mode` on the wrapper; the copied model keeps its teacher mode."""
         self.training = mode
-        self.model.eval()
+        set_batch_norm_mode_(self.model, self.bn)
         return self
 
     def forward(self, img: torch.Tensor) -> object:
@@ -62,9 +97,10 @@ class EMATeacher(nn.Module):
 
     @torch.no_grad()
     def update(self, student: nn.Module, iteration: int) -> None:
-        """Copy the student at iteration 0, EMA it afterwards (params and float buffers).
+        """Copy the student (parameters and buffers) at iteration 0, EMA it afterwards.
 
-        Integer buffers (BatchNorm `num_batches_tracked`) are copied, never averaged.
+        `batch` mode averages parameters only (the reference); `running` mode also averages float
+        buffers (BatchNorm running statistics). Integer buffers are copied, never averaged.
         """
         student = _unwrap(student)
         t_params, s_params = list(self.model.parameters()), list(student.parameters())
@@ -75,14 +111,14 @@ class EMATeacher(nn.Module):
                 f"buffers, expected {len(t_params)}/{len(t_bufs)}"
             )
         if iteration == 0:
-            for t, s in zip(t_params + t_bufs, s_params + s_bufs, strict=True):
-                t.copy_(s)
+            torch._foreach_copy_(t_params + t_bufs, [s.detach() for s in s_params + s_bufs])
             return
+        if self.bn == "batch":  # a batch-statistics teacher never reads its BN buffers
+            t_bufs, s_bufs = [], []
         ema_t = t_params + [t for t in t_bufs if t.is_floating_point()]
         ema_s = [s.detach() for s in s_params] + [s for s in s_bufs if s.is_floating_point()]
         alpha = self.ema_alpha(iteration)
-        torch._foreach_mul_(ema_t, alpha)
-        torch._foreach_add_(ema_t, ema_s, alpha=1.0 - alpha)
+        torch._foreach_lerp_(ema_t, ema_s, 1.0 - alpha)
         for t, s in zip(t_bufs, s_bufs, strict=True):
             if not t.is_floating_point():
                 t.copy_(s)
@@ -121,6 +157,9 @@ def pseudo_label_from_probs(
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """`pseudo_label` on class probabilities that are already computed (e.g. refined by DIDA).
 
+    Under torch.distributed the confident fraction q is averaged over the ranks, so that it is the
+    fraction of the whole (global) batch, as on one GPU.
+
     Shapes:
         probs: [B, C, H, W]
         pseudo_label: [B, H, W] int64; pseudo_weight: [B, H, W] float32
@@ -132,6 +171,10 @@ def pseudo_label_from_probs(
     b, _, h, w = probs.shape
     max_prob, label = probs.detach().max(dim=1)  # [B, H, W] each
     q = (max_prob >= threshold).float().mean()
+    dist = torch.distributed
+    if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
+        dist.all_reduce(q)  # equal batch sizes on every rank: the mean is the global fraction
+        q = q / dist.get_world_size()
     rows = torch.arange(h, device=probs.device)
     keep_row = (rows >= min(ignore_top, h)) & (rows < max(h - ignore_bottom, 0))  # [H]
     weight = (q * keep_row.float())[None, :, None].expand(b, h, w).contiguous()  # [B, H, W]

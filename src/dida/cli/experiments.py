@@ -24,8 +24,12 @@ def run(args: argparse.Namespace) -> int:
         rows.append((e.exp, c.method.name, pair, c.model.variant, str(c.train.seed), c.name))
     header = ("exp", "method", "source->target", "model", "seed", "name")
     widths = [max(len(r[i]) for r in [header, *rows]) for i in range(len(header))]
-    for row in [header, *rows]:
-        print("  ".join(cell.ljust(w) for cell, w in zip(row, widths, strict=True)).rstrip())
+    line = lambda row: "  ".join(c.ljust(w) for c, w in zip(row, widths, strict=True)).rstrip()
+    print(line(header))
+    for row, e in zip(rows, experiments, strict=True):
+        print(line(row))
+        if e.config.description:
+            print(f"    {e.config.description}")
     if args.paths:
         print()
         for e in experiments:

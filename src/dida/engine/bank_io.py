@@ -10,6 +10,25 @@ import torch
 
 from dida.errors import DataError
 
+BUILTIN_PREFIX = "builtin:"
+BUILTIN_DIR = Path(__file__).resolve().parents[1] / "data" / "banks"
+
+
+def builtin_banks() -> list[str]:
+    """Names of the banks shipped with the package (`data/banks/<name>/`)."""
+    return sorted(p.name for p in BUILTIN_DIR.iterdir() if (p / "f_buffer_s.npz").is_file())
+
+
+def resolve_bank_path(path: str | Path) -> Path:
+    """`builtin:<name>` -> the shipped `embedding_cache` folder; any other path unchanged."""
+    text = str(path)
+    if not text.startswith(BUILTIN_PREFIX):
+        return Path(path)
+    name = text[len(BUILTIN_PREFIX) :]
+    if name not in builtin_banks():
+        raise DataError(f"{text}: no such shipped bank (known: {', '.join(builtin_banks())})")
+    return BUILTIN_DIR / name
+
 
 def _read_npz_array(path: Path) -> torch.Tensor:
     import numpy as np
@@ -64,14 +83,15 @@ def read_bank_file(
     dim: int | None = None,
     num_classes: int | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """Read a bank: an `embedding_cache` folder or npz, a torch `.pt`, or a `.safetensors` file.
+    """Read a bank: an `embedding_cache` folder or npz, a torch `.pt`, a `.safetensors` file, or
+    a shipped bank `builtin:<name>`.
 
     Raises `DataError` naming the file when it is missing, malformed or of another size.
 
     Shapes:
         -> feats [K, D] float32, labels [K] int64
     """
-    path = Path(path)
+    path = resolve_bank_path(path)
     if path.is_dir() or path.suffix == ".npz":
         feats, labels = _read_pair(path)
     else:

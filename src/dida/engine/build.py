@@ -7,7 +7,6 @@ from __future__ import annotations
 
 import copy
 import logging
-from pathlib import Path
 
 import torch
 
@@ -37,7 +36,9 @@ def check_inputs(cfg: ExperimentConfig) -> None:
     if bank.init not in ("online", "random", "file"):
         raise UserError(f"method.bank.init: '{bank.init}' is not one of online, random, file")
     if cfg.method.name == "dida" and bank.init == "file":
-        if not bank.init_path or not Path(bank.init_path).exists():
+        from dida.engine.bank_io import resolve_bank_path
+
+        if not bank.init_path or not resolve_bank_path(bank.init_path).exists():
             raise UserError(
                 f"method.bank.init_path: '{bank.init_path}' not found (needed by bank.init=file)"
             )
