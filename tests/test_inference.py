@@ -89,3 +89,41 @@ def test_slide_window_count_and_coverage() -> None:
         )
     # mmseg grid: h 1 window, w (1024 - 512 + 340) // 341 + 1 = 3 windows, all full-size crops
     assert calls == [(512, 512)] * 3
+
+
+def test_batched_slide_equals_window_by_window() -> None:
+    calls: list[int] = []
+
+    class Recorder(PixelModel):
+        def forward(self, img: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+            calls.append(img.shape[0])
+            return super().forward(img)
+
+    model, img = Recorder(), torch.randn(2, 3, 40, 70)
+    with torch.no_grad():
+        one_by_one = slide_inference(model, img, (40, 70), (32, 32), (16, 16), 3)
+        batched = slide_inference(model, img, (40, 70), (32, 32), (16, 16), 3, batched=True)
+    assert calls == [2] * 8 + [16]  # 2 x 4 windows of 2 images, then all in one call
+    torch.testing.assert_close(batched, one_by_one)
+
+
+def test_hrda_slide_with_one_window_equals_whole() -> None:
+    """Test-time windows (HRDA_MIC.md §A5) around an HRDA model, which slides its own detail
+    windows inside each call: a window covering the image equals whole-image inference."""
+    from dida.config import load_config
+    from dida.models import segmentor_from_config
+
+    cfg = load_config(None, ["model.variant=mit_tiny", "model.embed_dim=16", "model.num_classes=4",
+                             "model.hrda.enabled=true", "model.hrda.detail_crop=[32,32]",
+                             "model.hrda.attention_embed_dim=8"])  # fmt: skip
+    model = segmentor_from_config(cfg.model).eval()
+    img = torch.randn(1, 3, 64, 128)
+    with torch.no_grad():
+        whole = whole_inference(model, img, (128, 256))
+        slide = slide_inference(model, img, (128, 256), (64, 128), (32, 64), 4, batched=True)
+        windows = slide_inference(model, img, (64, 128), (64, 64), (64, 64), 4, batched=True)
+        left = whole_inference(model, img[..., :64], (64, 64))
+        right = whole_inference(model, img[..., 64:], (64, 64))
+    torch.testing.assert_close(slide, whole)
+    # two side-by-side windows: each half is the whole-image inference of that half
+    torch.testing.assert_close(windows, torch.cat([left, right], dim=-1))

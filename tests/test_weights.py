@@ -10,7 +10,12 @@ from safetensors.torch import save_file
 
 from dida.errors import CheckpointError
 from dida.models import DAFormerHead, MiT, Segmentor, build_mit, load_pretrained
-from dida.models.weights import convert_hf_mit, convert_mmseg_checkpoint, convert_nvlabs_to_hf
+from dida.models.weights import (
+    convert_hf_mit,
+    convert_mmseg_checkpoint,
+    convert_nvlabs_to_hf,
+    load_state,
+)
 
 
 def tiny_mit(seed: int = 0, depths: list[int] | None = None) -> MiT:
@@ -208,3 +213,36 @@ def test_cli_convert_then_load(tmp_path: Path, capsys) -> None:
     assert load_pretrained(model, out).missing == []
     torch.testing.assert_close(model.head.conv_seg.weight, src.head.conv_seg.weight)
     assert main(["weights", "inspect", str(tmp_path / "nothing.pth")]) == 2
+
+
+def test_released_hrda_checkpoint_key_mapping() -> None:
+    """HRDA/MIC(HRDA) mmseg layout: the HRDAHead holds `head.*` and `scale_attention.*`."""
+    from dida.models.hrda import HRDASegmentor, build_scale_attention
+    from dida.models.weights import describe_weights
+
+    seg = tiny_segmentor(1)
+    model = HRDASegmentor(seg.encoder, seg.head, build_scale_attention([8, 16, 32, 64], 4,
+                                                                       embed_dim=8))  # fmt: skip
+    state = {}
+    for k, v in model.state_dict().items():
+        part, rest = k.split(".", 1)
+        prefix = {"encoder": "backbone.", "head": "decode_head.head.",
+                  "scale_attention": "decode_head.scale_attention."}[part]  # fmt: skip
+        state[f"model.{prefix}{rest}"] = v
+        state[f"ema_model.{prefix}{rest}"] = v
+    assert "model.decode_head.scale_attention.fuse_layer.conv.weight" in state
+    assert "model.decode_head.head.fuse_layer.bottleneck.conv.weight" in state
+    converted = convert_mmseg_checkpoint(state)
+    assert converted.keys() == model.state_dict().keys()
+    for k, v in model.state_dict().items():
+        assert torch.equal(converted[k], v), k
+    info = describe_weights(state)
+    assert info["layout"] == "mmseg" and info["hrda"] == "classwise attention"
+    assert info["num_classes"] == 4 and info["tensors"] == len(converted)
+    target = HRDASegmentor(tiny_mit(7), DAFormerHead([8, 16, 32, 64], 4, embed_dim=16),
+                           build_scale_attention([8, 16, 32, 64], 4, embed_dim=8))  # fmt: skip
+    report = load_state(target, state)
+    assert report.missing == [] and report.unexpected == []
+    for k, v in model.state_dict().items():
+        assert torch.equal(target.state_dict()[k], v), k
+    assert describe_weights(seg.state_dict())["hrda"] is None

@@ -25,6 +25,38 @@ class ConfigError(UserError, ValueError):
 
 
 @dataclass
+class HRDAConfig:
+    """HRDA multi-resolution training (HRDA_MIC.md §A7); sizes are in full-resolution pixels."""
+
+    enabled: bool = False
+    # scale of the context (LR) view of the training crop
+    lr_scale: float = 0.5
+    # detail (HR) crop (h, w) inside the context crop, at full resolution
+    detail_crop: list[int] = field(default_factory=lambda: [512, 512])
+    # detail-box offsets are multiples of this
+    crop_divisible: int = 8
+    # false (reference): offsets in [0, margin - divisible]; true: [0, margin]
+    full_offset_range: bool = False
+    # λ_d of the detail loss and λ_lr of the context loss; the fused loss gets 1 - λ_d - λ_lr
+    detail_loss_weight: float = 0.1
+    context_loss_weight: float = 0.0
+    # classwise | single (one channel) | fixed:<a> (constant attention a in [0, 1], no head)
+    attention: str = "classwise"
+    attention_embed_dim: int = 256
+    # teacher and test: the detail branch over overlapping sliding windows of `detail_crop`
+    slide_detail: bool = True
+    # window stride = detail_crop // 2 (true) or detail_crop (false)
+    slide_overlap: bool = True
+    # lr (feature distance on the context features) | all (context + detail)
+    fd_scale: str = "lr"
+    # detail input blurred by ×0.5-then-×2 resizing (ablation)
+    blur_detail: bool = False
+    # true (reference): attention masked on the context grid before upsampling (box-edge quirk);
+    # false: masked on the fused grid, fused = up(a)·hr + (1 - up(a))·up(lr) inside the box
+    faithful_fusion: bool = True
+
+
+@dataclass
 class ModelConfig:
     variant: str = "mit_b5"
     num_classes: int = 19
@@ -35,6 +67,10 @@ class ModelConfig:
     drop_path_rate: float = 0.1
     # ImageNet MiT weights: a .pth file, a Hugging Face id / folder / .safetensors, or None (random)
     pretrained: str | None = "pretrained/mit_b5.pth"
+    # activation checkpointing of the encoder blocks: less memory, one more encoder forward
+    checkpoint_encoder: bool = False
+    hrda: HRDAConfig = field(default_factory=HRDAConfig)
+
 
 
 @dataclass
@@ -75,6 +111,11 @@ class DataConfig:
     batch_size: int = 2
     num_workers: int = 4
     rcs: RCSConfig = field(default_factory=RCSConfig)
+    # HRDA "cpl v2": [top, bottom, left, right] pixels of each target image (at its original
+    # size) whose pseudo-labels get weight 0, e.g. [30, 240, 30, 30]; the batch then holds
+    # `valid_pseudo_mask`. Replaces method.teacher.ignore_top/bottom (set those to 0).
+    target_pseudo_margins: list[int] | None = None
+
 
 
 @dataclass
@@ -83,10 +124,6 @@ class TeacherConfig:
     pseudo_threshold: float = 0.968
     ignore_top: int = 15
     ignore_bottom: int = 120
-    # BatchNorm of the teacher: `batch` (reference: train mode with dropout/drop path off, BN
-    # normalises over the current batch, only parameters are averaged) | `running` (eval mode,
-    # BN running statistics EMA'd with the parameters)
-    bn: str = "batch"
 
 
 @dataclass
@@ -114,15 +151,9 @@ class BankConfig:
     size: int = 300
     # online | random | file
     init: str = "online"
-    # a bank file or `embedding_cache` folder, or a shipped bank: `builtin:synthia_300` (the one
-    # the released code loads for both benchmarks), `builtin:gta_balanced_300`
     init_path: str | None = None
     update_interval: int = 50
     momentum: float = 0.999
-    # reference (released code: image 0's features, class positions searched over the whole
-    # batch, absent classes decayed toward 0, one momentum step per event) | per_image (each
-    # image's own class means, absent classes untouched)
-    update_rule: str = "reference"
     # class_mean | boundary
     update_mode: str = "class_mean"
     boundary_threshold: int = 2
@@ -135,23 +166,59 @@ class InstanceConfig:
     normalisation: str = "sum"
     tau_weak: float = 1.0
     tau_strong: float = 1.0
-    # false (reference): plain sum normalisers, the only epsilon is `log_eps` inside the log, and a
-    # pixel whose normaliser is exactly 0 contributes 0 to L_in; true: negative similarities
-    # clamped to 0 and `eps` added to every normaliser
-    safe_normaliser: bool = False
     eps: float = 1e-6
     log_eps: float = 1e-10
     calibrate: bool = True
-    # student_mixed_logits (reference: the student's raw logits on the mixed image) |
-    # teacher_probs (intended: the teacher's class probabilities on the weak view)
-    calibrate_source: str = "student_mixed_logits"
+    # teacher_probs (ours) | student_mixed_logits (reference)
+    calibrate_source: str = "teacher_probs"
     # instance -> semantic smoothing of the pseudo-label probabilities; 1.0 = off
     a_smooth: float = 1.0
-    # input (reference: similarities at crop resolution) | feature (1/4 resolution, cheap)
-    resolution: str = "input"
+    # feature (1/4 resolution, cheap) | input (crop resolution, as the reference)
+    resolution: str = "feature"
     # restrict the loss to the target pixels of the ClassMix image
     target_pixels_only: bool = False
     chunk_size: int = 32
+
+
+@dataclass
+class MICConfig:
+    """Masked image consistency (HRDA_MIC.md §B): an extra loss on a masked target view."""
+
+    enabled: bool = False
+    # target_aug (colour jitter + blur, then masking) | target (masking only)
+    mode: str = "target_aug"
+    # mask block size in input pixels; null = 64 with HRDA (full resolution), 32 without
+    block_size: int | None = None
+    # probability that a block is masked
+    ratio: float = 0.7
+    # λ of the masked loss (the reference's `mask_lambda`)
+    weight: float = 1.0
+    # with HRDA the reference scales only the fused term by λ, not the detail term
+    faithful_lambda_fused_only: bool = False
+    # shared (pseudo-labels and weights of the method's teacher) | separate (own EMA teacher)
+    teacher: str = "shared"
+    # for teacher=separate: EMA momentum and confidence threshold (null = weight 1 everywhere)
+    teacher_alpha: float = 0.999
+    pseudo_threshold: float | None = 0.968
+
+
+@dataclass
+class ComposeConfig:
+    """How DIDA's instance branch combines with HRDA and MIC (HRDA_MIC.md §C, new design)."""
+
+    # lr (bank and L_in on the context branch) | hr (detail branch) | both
+    hrda_scale: str = "lr"
+    # teacher embedding of the detail box for hrda_scale hr/both: slide_avg (crop of the
+    # slide-averaged canvas) | recompute_box (a teacher pass on the exact box)
+    hr_teacher: str = "slide_avg"
+    # hrda_scale both: two banks (one per branch) instead of one shared bank
+    hrda_separate_banks: bool = False
+    # hrda_scale both: L_in = λ_in·((1 - w)·L_lr + w·L_hr) with w = this (default = λ_d)
+    hr_inst_weight: float = 0.1
+    # none (L_in on the mixed view only) | add (also on the masked view) | only (masked view)
+    mic_view: str = "none"
+    # λ of L_in on the masked view (mic_view add/only)
+    mic_inst_lambda: float = 0.5
 
 
 @dataclass
@@ -163,6 +230,8 @@ class MethodConfig:
     feat_dist: FeatDistConfig = field(default_factory=FeatDistConfig)
     bank: BankConfig = field(default_factory=BankConfig)
     instance: InstanceConfig = field(default_factory=InstanceConfig)
+    mic: MICConfig = field(default_factory=MICConfig)
+    compose: ComposeConfig = field(default_factory=ComposeConfig)
 
 
 @dataclass
@@ -200,6 +269,8 @@ class EvalConfig:
     scale: list[int] = field(default_factory=lambda: [1024, 512])
     crop_size: list[int] = field(default_factory=lambda: [512, 512])
     stride: list[int] = field(default_factory=lambda: [341, 341])
+    # slide mode: all windows of an image in one batch (HRDA's test_cfg batched_slide)
+    batched_slide: bool = False
     batch_size: int = 1
     num_workers: int = 2
     # class subsets reported beside the full mIoU, e.g. {"16": [...], "13": [...]}
@@ -276,3 +347,143 @@ def save_config(cfg: ExperimentConfig, path: str | Path) -> None:
     tmp = path.with_suffix(path.suffix + ".tmp")
     tmp.write_text(json.dumps(config_to_dict(cfg), indent=2) + "\n")
     tmp.replace(path)
+
+
+# --- HRDA / MIC / composition: choices and cross-field rules (HRDA_MIC.md §A7, §B4, §C) ----------
+
+
+def _fail(key: str, value: Any, expected: str, where: str) -> None:
+    raise ConfigError(f"{key}={json.dumps(value)}: expected {expected}{where}")
+
+
+def parse_attention(spec: str) -> float | None:
+    """`model.hrda.attention` -> None for a learned head (classwise/single), else the fixed a.
+
+    Raises:
+        ValueError: not classwise, single or fixed:<a> with a in [0, 1].
+    """
+    if spec in ("classwise", "single"):
+        return None
+    if spec.startswith("fixed:"):
+        try:
+            value = float(spec.removeprefix("fixed:"))
+        except ValueError:
+            value = -1.0
+        if 0.0 <= value <= 1.0:
+            return value
+    raise ValueError(f"attention '{spec}': expected classwise, single or fixed:<a>, a in [0, 1]")
+
+
+def validate_hrda_mic(cfg: ExperimentConfig, origin: str | None = None) -> ExperimentConfig:
+    """Check the HRDA, MIC and DIDA-composition settings of `cfg`; errors name the key."""
+    where = f" (in {origin})" if origin else ""
+    hrda, mic, comp = cfg.model.hrda, cfg.method.mic, cfg.method.compose
+    try:
+        parse_attention(hrda.attention)
+    except ValueError:
+        _fail("model.hrda.attention", hrda.attention, "classwise, single or fixed:<a in [0, 1]>",
+              where)  # fmt: skip
+    if not 0.0 < hrda.lr_scale <= 1.0:
+        _fail("model.hrda.lr_scale", hrda.lr_scale, "a number in (0, 1]", where)
+    crop = cfg.data.crop_size
+    if len(hrda.detail_crop) != 2 or (
+        hrda.enabled and not all(0 < d <= c for d, c in zip(hrda.detail_crop, crop, strict=True))
+    ):
+        _fail("model.hrda.detail_crop", hrda.detail_crop,
+              f"two positive integers <= data.crop_size {crop}", where)  # fmt: skip
+    if hrda.crop_divisible < 1:
+        _fail("model.hrda.crop_divisible", hrda.crop_divisible, "an integer >= 1", where)
+    weights = (hrda.detail_loss_weight, hrda.context_loss_weight)
+    if min(weights) < 0 or sum(weights) > 1:
+        _fail("model.hrda.detail_loss_weight", hrda.detail_loss_weight,
+              "weights >= 0 with detail + context <= 1", where)  # fmt: skip
+    if hrda.fd_scale not in ("lr", "all"):
+        _fail("model.hrda.fd_scale", hrda.fd_scale, "one of lr, all", where)
+    margins = cfg.data.target_pseudo_margins
+    if margins is not None:
+        if len(margins) != 4 or min(margins) < 0:
+            _fail("data.target_pseudo_margins", margins,
+                  "null or four integers >= 0 [top, bottom, left, right]", where)  # fmt: skip
+        teacher = cfg.method.teacher
+        if teacher.ignore_top or teacher.ignore_bottom:
+            raise ConfigError(
+                f"data.target_pseudo_margins and method.teacher.ignore_top/ignore_bottom "
+                f"({teacher.ignore_top}/{teacher.ignore_bottom}) exclude each other: set the "
+                f"ignore rows to 0{where}"
+            )
+    for key, value, options in (
+        ("method.mic.mode", mic.mode, ("target_aug", "target")),
+        ("method.mic.teacher", mic.teacher, ("shared", "separate")),
+        ("method.compose.hrda_scale", comp.hrda_scale, ("lr", "hr", "both")),
+        ("method.compose.hr_teacher", comp.hr_teacher, ("slide_avg", "recompute_box")),
+        ("method.compose.mic_view", comp.mic_view, ("none", "add", "only")),
+    ):
+        if value not in options:
+            _fail(key, value, "one of " + ", ".join(options), where)
+    if not 0.0 <= mic.ratio < 1.0:
+        _fail("method.mic.ratio", mic.ratio, "a number in [0, 1)", where)
+    if mic.block_size is not None and mic.block_size < 1:
+        _fail("method.mic.block_size", mic.block_size, "null or an integer >= 1", where)
+    if mic.weight < 0:
+        _fail("method.mic.weight", mic.weight, "a number >= 0", where)
+    if comp.hrda_scale != "lr" and not hrda.enabled:
+        _fail("method.compose.hrda_scale", comp.hrda_scale, "lr unless model.hrda.enabled", where)
+    if comp.mic_view != "none" and not mic.enabled:
+        _fail("method.compose.mic_view", comp.mic_view, "none unless method.mic.enabled", where)
+    return cfg
+
+
+def mic_block_size(cfg: ExperimentConfig) -> int:
+    """`method.mic.block_size`, or its default: 64 px at HRDA's full resolution, 32 at half."""
+    if cfg.method.mic.block_size is not None:
+        return cfg.method.mic.block_size
+    return 64 if cfg.model.hrda.enabled else 32
+
+
+# --- paths: shipped experiments are relative to the project folder, run configs are absolute ----
+
+SHIPPED_CONFIG_DIR = Path(__file__).resolve().parent / "configs"
+# config keys holding file or folder paths (a new path field adds its key here)
+PATH_KEYS = (
+    "work_root",
+    "model.pretrained",
+    "data.source.root",
+    "data.target.root",
+    "data.val.root",
+    "method.bank.init_path",
+)
+
+
+def project_root() -> Path:
+    """The folder that relative paths of the shipped experiments refer to.
+
+    The clone's root when dida runs from a source checkout (`pip install -e .`), so that
+    `data/`, `pretrained/` and `work_dirs/` are found from any working folder; otherwise the
+    current folder.
+    """
+    clone = Path(__file__).resolve().parents[2]
+    return clone if (clone / "pyproject.toml").is_file() else Path.cwd()
+
+
+def _looks_like_hub_id(value: str) -> bool:
+    parts = value.split("/")
+    return len(parts) == 2 and all(parts) and not value.endswith((".pth", ".pt", ".safetensors"))
+
+
+def resolve_paths(cfg: ExperimentConfig, base: str | Path) -> ExperimentConfig:
+    """`cfg` with every relative path of `PATH_KEYS` made absolute against `base`.
+
+    Hugging Face ids in `model.pretrained` (`owner/name`) stay as they are unless such a path
+    exists under `base`.
+    """
+    base = Path(base).absolute()
+    for key in PATH_KEYS:
+        *parents, name = key.split(".")
+        node = _get(cfg, ".".join(parents)) if parents else cfg
+        value = getattr(node, name)
+        if not value or Path(value).is_absolute() or str(value).startswith("builtin:"):
+            continue  # a shipped bank (`builtin:<name>`) is not a path
+        if key == "model.pretrained" and _looks_like_hub_id(value) and not (base / value).exists():
+            continue
+        setattr(node, name, str(base / value))
+    return cfg

@@ -79,7 +79,7 @@ def run(args: argparse.Namespace) -> int:
             logits = predict(
                 model, img.unsqueeze(0).to(device), rgb.shape[:2], mode=cfg.eval.mode,
                 crop_size=cfg.eval.crop_size, stride=cfg.eval.stride,
-                num_classes=cfg.model.num_classes,
+                num_classes=cfg.model.num_classes, batched=cfg.eval.batched_slide,
             )  # fmt: skip
         pred = logits.argmax(dim=1)[0].cpu().numpy()  # [H, W]
         result = overlay(rgb, colorize(pred), args.opacity)

@@ -191,7 +191,8 @@ def run(args: argparse.Namespace) -> int:
         writer = PredictionWriter(img_root, palette, show_dir, args.opacity, format_dir)
     results = evaluate(
         model, dataset, num_classes=cfg.model.num_classes, mode=cfg.eval.mode,
-        crop_size=cfg.eval.crop_size, stride=cfg.eval.stride, device=device,
+        crop_size=cfg.eval.crop_size, stride=cfg.eval.stride,
+        batched_slide=cfg.eval.batched_slide, device=device,
         subsets=cfg.eval.subsets, on_prediction=writer, progress=not args.no_progress,
         num_workers=cfg.eval.num_workers,
     )  # fmt: skip

@@ -73,10 +73,17 @@ def load_segmentor(
         raise CheckpointError(f"{checkpoint}: checkpoint file not found")
     model = _build_uninitialised(model_cfg)
     report = load_pretrained(model, checkpoint)
+    hrda = model_cfg.hrda.enabled
+    if not hrda and any(k.startswith("scale_attention.") for k in report.unexpected):
+        raise CheckpointError(
+            f"{checkpoint}: an HRDA checkpoint (scale-attention head); evaluate it with "
+            "model.hrda.enabled=true"
+        )
     if report.missing:  # also guarantees that no uninitialised weight is left
+        hint = " (an HRDA model needs an HRDA checkpoint)" if hrda else ""
         raise CheckpointError(
             f"{checkpoint}: {len(report.missing)} weights of the {model_cfg.variant} model are "
-            f"missing (e.g. {report.missing[0]}); is it a checkpoint of this model?"
+            f"missing (e.g. {report.missing[0]}); is it a checkpoint of this model?{hint}"
         )
     return model.to(device).eval()
 
@@ -90,8 +97,12 @@ def predict(
     crop_size: Sequence[int] | None = None,
     stride: Sequence[int] | None = None,
     num_classes: int | None = None,
+    batched: bool = False,
 ) -> torch.Tensor:
     """Logits at `out_size` by whole-image or sliding-window inference (call under no_grad).
+
+    `batched` runs all slide windows of an image as one batch. An `HRDASegmentor` runs its own
+    detail-branch windows inside each call.
 
     Shapes:
         img: [B, 3, h, w] normalised.
@@ -102,7 +113,7 @@ def predict(
     if mode == "slide":
         if crop_size is None or stride is None or num_classes is None:
             raise ValueError("slide inference needs crop_size, stride and num_classes")
-        return slide_inference(model, img, out_size, crop_size, stride, num_classes)
+        return slide_inference(model, img, out_size, crop_size, stride, num_classes, batched)
     raise ValueError(f"unknown inference mode '{mode}'; expected one of {MODES}")
 
 
@@ -115,6 +126,7 @@ def evaluate(
     mode: str = "whole",
     crop_size: Sequence[int] | None = None,
     stride: Sequence[int] | None = None,
+    batched_slide: bool = False,
     device: torch.device | str = "cpu",
     subsets: Mapping[str, Sequence[int]] | None = None,
     class_names: Sequence[str] | None = None,
@@ -164,6 +176,7 @@ def evaluate(
                 crop_size=crop_size,
                 stride=stride,
                 num_classes=num_classes,
+                batched=batched_slide,
             )
             pred = logits.argmax(dim=1)[0].cpu()  # [H, W]
             evaluator.process(pred, label)

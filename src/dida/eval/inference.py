@@ -37,6 +37,26 @@ def whole_inference(model: nn.Module, img: torch.Tensor, out_size: Sequence[int]
     return resize(encode_decode(model, img), out_size)
 
 
+def sliding_windows(
+    size: Sequence[int], crop_size: Sequence[int], stride: Sequence[int]
+) -> list[tuple[int, int, int, int]]:
+    """Window boxes (y1, y2, x1, x2) of mmseg's slide grid, row-major; the last window of a row or
+    column is shifted back to end at the border, and a window larger than the image is clipped.
+    """
+    h_img, w_img = size
+    h_crop, w_crop = crop_size
+    h_stride, w_stride = stride
+    h_grids = max(h_img - h_crop + h_stride - 1, 0) // h_stride + 1
+    w_grids = max(w_img - w_crop + w_stride - 1, 0) // w_stride + 1
+    boxes = []
+    for h_idx in range(h_grids):
+        for w_idx in range(w_grids):
+            y2 = min(h_idx * h_stride + h_crop, h_img)
+            x2 = min(w_idx * w_stride + w_crop, w_img)
+            boxes.append((max(y2 - h_crop, 0), y2, max(x2 - w_crop, 0), x2))
+    return boxes
+
+
 def slide_inference(
     model: nn.Module,
     img: torch.Tensor,
@@ -44,6 +64,7 @@ def slide_inference(
     crop_size: Sequence[int],
     stride: Sequence[int],
     num_classes: int,
+    batched: bool = False,
 ) -> torch.Tensor:
     """Average logits of overlapping crops (mmseg 1.x `slide_inference`), then resize to `out_size`.
 
@@ -51,26 +72,22 @@ def slide_inference(
         crop_size: window (h, w).
         stride: window step (h, w).
         num_classes: channels of the model's logits.
+        batched: run all windows as one batch (HRDA's `batched_slide`); same result, one call.
 
     Shapes: img: B×3×H×W -> B×C×out_h×out_w
     """
-    h_crop, w_crop = crop_size
-    h_stride, w_stride = stride
     batch, _, h_img, w_img = img.shape
-    h_grids = max(h_img - h_crop + h_stride - 1, 0) // h_stride + 1
-    w_grids = max(w_img - w_crop + w_stride - 1, 0) // w_stride + 1
+    boxes = sliding_windows((h_img, w_img), crop_size, stride)
+    crops = (img[:, :, y1:y2, x1:x2] for y1, y2, x1, x2 in boxes)
+    if batched:  # all windows have the same size: [n·B, 3, h, w] -> n × [B, C, h, w]
+        crop_logits = encode_decode(model, torch.cat(list(crops))).split(batch)
+    else:  # one window at a time (lazily: one window's logits in memory)
+        crop_logits = (encode_decode(model, crop) for crop in crops)
     preds = img.new_zeros((batch, num_classes, h_img, w_img))
     count = img.new_zeros((1, 1, h_img, w_img))
-    for h_idx in range(h_grids):
-        for w_idx in range(w_grids):
-            y2 = min(h_idx * h_stride + h_crop, h_img)
-            x2 = min(w_idx * w_stride + w_crop, w_img)
-            y1, x1 = max(y2 - h_crop, 0), max(x2 - w_crop, 0)
-            crop_logits = encode_decode(model, img[:, :, y1:y2, x1:x2])
-            if crop_logits.shape[1] != num_classes:
-                raise ValueError(
-                    f"model returned {crop_logits.shape[1]} classes, expected {num_classes}"
-                )
-            preds[:, :, y1:y2, x1:x2] += crop_logits
-            count[:, :, y1:y2, x1:x2] += 1
+    for (y1, y2, x1, x2), logits in zip(boxes, crop_logits, strict=True):
+        if logits.shape[1] != num_classes:
+            raise ValueError(f"model returned {logits.shape[1]} classes, expected {num_classes}")
+        preds[:, :, y1:y2, x1:x2] += logits
+        count[:, :, y1:y2, x1:x2] += 1
     return resize(preds / count, out_size)

@@ -61,6 +61,8 @@ class DAFormerHead(nn.Module):
         embed_dim: width of the per-level embeddings and of the fused feature (D).
         dilations: ASPP dilations, one branch each.
         dropout: Dropout2d rate before the classifier.
+        fusion: `aspp` (DAFormer's sep-ASPP) or `conv` (a 1×1 ConvBNReLU, the SegFormer-style
+            decoder that HRDA's scale-attention head uses; `dilations` is then unused).
     """
 
     def __init__(
@@ -70,6 +72,7 @@ class DAFormerHead(nn.Module):
         embed_dim: int = 256,
         dilations: Sequence[int] = (1, 6, 12, 18),
         dropout: float = 0.1,
+        fusion: str = "aspp",
     ) -> None:
         super().__init__()
         self.in_channels = list(in_channels)
@@ -78,7 +81,13 @@ class DAFormerHead(nn.Module):
         self.embed_layers = nn.ModuleDict(
             {str(i): MLP(c, embed_dim) for i, c in enumerate(self.in_channels)}
         )
-        self.fuse_layer = ASPPWrapper(len(self.in_channels) * embed_dim, embed_dim, dilations)
+        fused_in = len(self.in_channels) * embed_dim
+        if fusion == "aspp":
+            self.fuse_layer: nn.Module = ASPPWrapper(fused_in, embed_dim, dilations)
+        elif fusion == "conv":
+            self.fuse_layer = ConvBNReLU(fused_in, embed_dim, 1)
+        else:
+            raise ValueError(f"fusion '{fusion}': expected aspp or conv")
         self.dropout = nn.Dropout2d(dropout)
         self.conv_seg = nn.Conv2d(embed_dim, num_classes, 1)
         init_conv_bn_(self.fuse_layer)

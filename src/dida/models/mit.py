@@ -13,6 +13,7 @@ import math
 import torch
 import torch.nn.functional as F
 from torch import nn
+from torch.utils.checkpoint import checkpoint
 
 from dida.models.layers import DropPath
 
@@ -142,6 +143,8 @@ class MiT(nn.Module):
         drop_path_rate: stochastic-depth rate of the last block (linear from 0 over all blocks).
         in_chans: input image channels.
         variant: a name for logs and weight checks (`mit_b5`, or `custom`).
+        grad_checkpointing: recompute each block's activations in backward instead of storing
+            them (only when a graph is built); outputs and gradients are unchanged.
     """
 
     def __init__(
@@ -154,8 +157,10 @@ class MiT(nn.Module):
         drop_path_rate: float = 0.1,
         in_chans: int = 3,
         variant: str = "custom",
+        grad_checkpointing: bool = False,
     ) -> None:
         super().__init__()
+        self.grad_checkpointing = grad_checkpointing
         for name, value in (("num_heads", num_heads), ("depths", depths), ("sr_ratios", sr_ratios)):
             if len(value) != len(embed_dims) or len(value) != 4:
                 raise ValueError(f"MiT needs 4 stages; got {name}={value}, embed_dims={embed_dims}")
@@ -189,8 +194,12 @@ class MiT(nn.Module):
         x = img
         for s in range(1, 5):
             tokens, h, w = getattr(self, f"patch_embed{s}")(x)
+            use_checkpoint = self.grad_checkpointing and torch.is_grad_enabled()
             for block in getattr(self, f"block{s}"):
-                tokens = block(tokens, h, w)
+                if use_checkpoint:  # RNG (drop path) state is replayed in the recomputation
+                    tokens = checkpoint(block, tokens, h, w, use_reentrant=False)
+                else:
+                    tokens = block(tokens, h, w)
             tokens = getattr(self, f"norm{s}")(tokens)
             # B×N×C -> B×C×h×w as a channels-last view: no copy, convs accept it as is
             x = tokens.view(tokens.shape[0], h, w, -1).permute(0, 3, 1, 2)
@@ -214,8 +223,13 @@ def _init_weights(m: nn.Module) -> None:
             nn.init.zeros_(m.bias)
 
 
-def build_mit(variant: str = "mit_b5", drop_path_rate: float = 0.1) -> MiT:
+def build_mit(
+    variant: str = "mit_b5", drop_path_rate: float = 0.1, grad_checkpointing: bool = False
+) -> MiT:
     """Build a named MiT variant (`mit_b0`..`mit_b5`) with random (original) initialisation."""
     if variant not in MIT_VARIANTS:
         raise ValueError(f"unknown MiT variant '{variant}'; expected one of {sorted(MIT_VARIANTS)}")
-    return MiT(**MIT_VARIANTS[variant], drop_path_rate=drop_path_rate, variant=variant)
+    return MiT(
+        **MIT_VARIANTS[variant], drop_path_rate=drop_path_rate, variant=variant,
+        grad_checkpointing=grad_checkpointing,
+    )  # fmt: skip

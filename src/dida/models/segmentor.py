@@ -67,15 +67,25 @@ def build_segmentor(
     dilations: Sequence[int] = (1, 6, 12, 18),
     dropout: float = 0.1,
     drop_path_rate: float = 0.1,
+    checkpoint_encoder: bool = False,
 ) -> Segmentor:
     """Build MiT `variant` + DAFormer head, randomly initialised (see `load_pretrained`)."""
-    encoder = build_mit(variant, drop_path_rate=drop_path_rate)
+    encoder = build_mit(
+        variant, drop_path_rate=drop_path_rate, grad_checkpointing=checkpoint_encoder
+    )
     head = DAFormerHead(encoder.embed_dims, num_classes, embed_dim, dilations, dropout)
     return Segmentor(encoder, head)
 
 
 def segmentor_from_config(model_cfg: ModelConfig) -> Segmentor:
-    """Build the segmentor described by a `ModelConfig` (weights are not loaded here)."""
+    """Build the segmentor described by a `ModelConfig` (weights are not loaded here).
+
+    With `model_cfg.hrda.enabled` this is an `HRDASegmentor` (a `Segmentor` subclass).
+    """
+    if model_cfg.hrda.enabled:
+        from dida.models.hrda import hrda_segmentor_from_config
+
+        return hrda_segmentor_from_config(model_cfg)
     return build_segmentor(
         variant=model_cfg.variant,
         num_classes=model_cfg.num_classes,
@@ -83,4 +93,5 @@ def segmentor_from_config(model_cfg: ModelConfig) -> Segmentor:
         dilations=tuple(model_cfg.dilations),
         dropout=model_cfg.dropout,
         drop_path_rate=model_cfg.drop_path_rate,
+        checkpoint_encoder=model_cfg.checkpoint_encoder,
     )

@@ -166,9 +166,11 @@ def convert_nvlabs_to_hf(state_dict: StateDict, layout: str = "hub") -> StateDic
 
 
 def convert_mmseg_checkpoint(state_dict: StateDict) -> StateDict:
-    """Released DAFormer/DIDA mmcv checkpoint -> Segmentor state dict (student weights only).
+    """Released DAFormer/DIDA/HRDA/MIC mmcv checkpoint -> Segmentor state dict (student only).
 
-    `model.backbone.*` -> `encoder.*`, `model.decode_head.*` -> `head.*`; `ema_model.*` and
+    `model.backbone.*` -> `encoder.*`, `model.decode_head.*` -> `head.*`; HRDA's (and MIC(HRDA)'s)
+    `HRDAHead` holds the shared head and the scale attention: `model.decode_head.head.*` ->
+    `head.*`, `model.decode_head.scale_attention.*` -> `scale_attention.*`. `ema_model.*` and
     `imnet_model.*` are dropped and a leading `module.` is stripped.
     """
     out: StateDict = {}
@@ -177,7 +179,11 @@ def convert_mmseg_checkpoint(state_dict: StateDict) -> StateDict:
         if name.startswith("backbone."):
             out["encoder." + name.removeprefix("backbone.")] = value
         elif name.startswith("decode_head."):
-            out["head." + name.removeprefix("decode_head.")] = value
+            name = name.removeprefix("decode_head.")
+            if name.startswith("scale_attention."):
+                out[name] = value
+            else:
+                out["head." + name.removeprefix("head.")] = value
     return out
 
 
@@ -369,11 +375,17 @@ def describe_weights(state_dict: StateDict) -> dict[str, Any]:
     state, layout, ignored = to_segmentor_names(state_dict)
     shape = _mit_shape(state)
     classifier = state.get("head.conv_seg.weight")
+    attention = state.get("scale_attention.conv_seg.weight")
+    if attention is None:
+        hrda = None
+    else:
+        hrda = "classwise attention" if attention.shape[0] > 1 else "single-channel attention"
     return {
         "layout": layout,
         "variant": _variant_name(*shape) if shape else None,
         "num_classes": int(classifier.shape[0]) if classifier is not None else None,
         "has_head": any(k.startswith("head.") for k in state),
+        "hrda": hrda,
         "tensors": len(state),
         "parameters": sum(
             v.numel()
