@@ -72,7 +72,6 @@ class ModelConfig:
     hrda: HRDAConfig = field(default_factory=HRDAConfig)
 
 
-
 @dataclass
 class DatasetConfig:
     # one of: gta, synthia, cityscapes, folder
@@ -117,13 +116,16 @@ class DataConfig:
     target_pseudo_margins: list[int] | None = None
 
 
-
 @dataclass
 class TeacherConfig:
     alpha: float = 0.999
     pseudo_threshold: float = 0.968
     ignore_top: int = 15
     ignore_bottom: int = 120
+    # BatchNorm of the teacher: `batch` (reference: train mode with dropout/drop path off, BN
+    # normalises over the current batch, only parameters are averaged) | `running` (eval mode,
+    # BN running statistics EMA'd with the parameters)
+    bn: str = "batch"
 
 
 @dataclass
@@ -151,9 +153,15 @@ class BankConfig:
     size: int = 300
     # online | random | file
     init: str = "online"
+    # a bank file or `embedding_cache` folder, or a shipped bank: `builtin:synthia_300` (the one
+    # the released code loads for both benchmarks), `builtin:gta_balanced_300`
     init_path: str | None = None
     update_interval: int = 50
     momentum: float = 0.999
+    # reference (released code: image 0's features, class positions searched over the whole
+    # batch, absent classes decayed toward 0, one momentum step per event) | per_image (each
+    # image's own class means, absent classes untouched)
+    update_rule: str = "reference"
     # class_mean | boundary
     update_mode: str = "class_mean"
     boundary_threshold: int = 2
@@ -166,15 +174,20 @@ class InstanceConfig:
     normalisation: str = "sum"
     tau_weak: float = 1.0
     tau_strong: float = 1.0
+    # false (reference): plain sum normalisers, the only epsilon is `log_eps` inside the log, and a
+    # pixel whose normaliser is exactly 0 contributes 0 to L_in; true: negative similarities
+    # clamped to 0 and `eps` added to every normaliser
+    safe_normaliser: bool = False
     eps: float = 1e-6
     log_eps: float = 1e-10
     calibrate: bool = True
-    # teacher_probs (ours) | student_mixed_logits (reference)
-    calibrate_source: str = "teacher_probs"
+    # student_mixed_logits (reference: the student's raw logits on the mixed image) |
+    # teacher_probs (intended: the teacher's class probabilities on the weak view)
+    calibrate_source: str = "student_mixed_logits"
     # instance -> semantic smoothing of the pseudo-label probabilities; 1.0 = off
     a_smooth: float = 1.0
-    # feature (1/4 resolution, cheap) | input (crop resolution, as the reference)
-    resolution: str = "feature"
+    # input (reference: similarities at crop resolution) | feature (1/4 resolution, cheap)
+    resolution: str = "input"
     # restrict the loss to the target pixels of the ClassMix image
     target_pixels_only: bool = False
     chunk_size: int = 32
