@@ -111,3 +111,35 @@ def test_uda_rcs_crop_holds_sampled_class(roots) -> None:
     rare = int(data.rcs.classes[0])
     hits = [int((data[i]["src_label"] == rare).sum()) > 50 for i in range(12)]
     assert np.mean(hits) > 0.5  # P(rarest) ~ 1 at T = 0.01, and crops are retried for it
+
+
+def test_margin_mask() -> None:
+    from dida.data.uda import margin_mask
+
+    mask = margin_mask((10, 12), (2, 3, 1, 4))
+    assert mask.dtype == np.uint8 and mask.shape == (10, 12)
+    expected = np.zeros((10, 12), dtype=np.uint8)
+    expected[2:7, 1:8] = 1
+    assert np.array_equal(mask, expected)
+    assert margin_mask((4, 4), (3, 3, 0, 0)).sum() == 0  # margins overlapping: nothing valid
+
+
+def test_target_pseudo_margins_follow_the_target_crop(roots) -> None:
+    """HRDA "cpl v2": the mask is resized, cropped, flipped and padded with the target image;
+    the crop draws are unchanged, so the images equal those of a run without margins."""
+    plain = build_train_dataset(_data_cfg(roots, False), seed=1)
+    cfg = _data_cfg(roots, False)
+    cfg.target_pseudo_margins = [4, 8, 6, 6]  # on the 32x64 originals; resized ×0.75 to 24x48
+    data = build_train_dataset(cfg, seed=1)
+    for i in range(6):
+        item, ref = data[i], plain[i]
+        assert "valid_pseudo_mask" not in ref
+        assert torch.equal(item["tgt_img"], ref["tgt_img"])
+        valid = item["valid_pseudo_mask"]
+        assert valid.shape == (24, 32) and valid.dtype == torch.float32
+        assert (valid[:3] == 0).all() and (valid[18:] == 0).all()  # rows 0..3 / 24..31 of 32
+        assert (valid[4:17, 6:26] == 1).all()  # interior: side margins at most 5 px of the crop
+    # a crop larger than the resized target is padded; padding is never valid
+    cfg.crop_size = [28, 32]
+    padded = build_train_dataset(cfg, seed=1)[0]["valid_pseudo_mask"]
+    assert padded.shape == (28, 32) and (padded[24:] == 0).all() and padded[10].sum() > 0

@@ -22,7 +22,8 @@ _RCS_CROP_TRIES = 10
 
 
 class UDADataset(Dataset):
-    """Items: dict(src_img [3, h, w] float32, src_label [h, w] int64, tgt_img [3, h, w] float32).
+    """Items: dict(src_img [3, h, w] float32, src_label [h, w] int64, tgt_img [3, h, w] float32),
+    plus valid_pseudo_mask [h, w] float32 (1 = pseudo-label used) with `target_pseudo_margins`.
 
     Args:
         source: labelled source dataset.
@@ -33,6 +34,10 @@ class UDADataset(Dataset):
         rcs: rare-class sampler over `source` indices, or None for uniform sampling.
         seed: base seed; item i uses `default_rng([seed, i])`.
         source_scale, target_scale: keep-ratio resize (long, short) before cropping.
+        target_pseudo_margins: HRDA's "cpl v2" (top, bottom, left, right): rows/columns of each
+            target image, at its original size, whose pseudo-labels are not used. The mask goes
+            through the target's resize (nearest), crop and flip, so a crop shows the margins it
+            touches; padding is 0. The crop and flip draws are the same with or without it.
     """
 
     def __init__(
@@ -46,6 +51,7 @@ class UDADataset(Dataset):
         seed: int = 0,
         source_scale: tuple[int, int] = (1280, 720),
         target_scale: tuple[int, int] = (1024, 512),
+        target_pseudo_margins: tuple[int, int, int, int] | None = None,
     ) -> None:
         if source.classes != target.classes:
             raise DataError("source and target datasets must share their class names")
@@ -54,6 +60,7 @@ class UDADataset(Dataset):
         self.cat_max_ratio, self.flip_prob = cat_max_ratio, flip_prob
         self.source_scale = tuple(source_scale)
         self.target_scale = tuple(target_scale)
+        self.margins = None if target_pseudo_margins is None else tuple(target_pseudo_margins)
         self.classes, self.palette = source.classes, source.palette
 
     def __len__(self) -> int:
@@ -78,9 +85,24 @@ class UDADataset(Dataset):
         rng = np.random.default_rng([self.seed, int(index)])
         src_img, src_label = self._source(rng)
         image, _ = self.target.load(int(rng.integers(len(self.target))))
-        image, _ = resize_pair(image, None, self.target_scale)
-        tgt_img, _ = train_crop(image, None, self.crop_size, 1.0, self.flip_prob, rng)
-        return {"src_img": src_img, "src_label": src_label, "tgt_img": tgt_img}
+        valid = None if self.margins is None else margin_mask(image.shape[:2], self.margins)
+        image, valid = resize_pair(image, valid, self.target_scale)
+        tgt_img, valid = train_crop(image, valid, self.crop_size, 1.0, self.flip_prob, rng)
+        item = {"src_img": src_img, "src_label": src_label, "tgt_img": tgt_img}
+        if valid is not None:  # padding came in as the label pad value: only 1 is valid
+            item["valid_pseudo_mask"] = (valid == 1).float()
+        return item
+
+
+def margin_mask(size: tuple[int, int], margins: tuple[int, int, int, int]) -> np.ndarray:
+    """1 inside, 0 on the `margins` = (top, bottom, left, right) of an image of `size` (h, w).
+
+    Shapes: returns [h, w] uint8
+    """
+    top, bottom, left, right = margins
+    mask = np.zeros(size, dtype=np.uint8)
+    mask[top : max(size[0] - bottom, top), left : max(size[1] - right, left)] = 1
+    return mask
 
 
 def build_train_dataset(cfg: DataConfig, seed: int) -> UDADataset:
@@ -108,6 +130,7 @@ def build_train_dataset(cfg: DataConfig, seed: int) -> UDADataset:
         seed=seed,
         source_scale=tuple(cfg.source.scale),
         target_scale=tuple(cfg.target.scale),
+        target_pseudo_margins=cfg.target_pseudo_margins,
     )
 
 
