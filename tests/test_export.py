@@ -88,7 +88,7 @@ def test_dida_export_and_predict_onnx(tmp_path: Path, capsys: pytest.CaptureFixt
     assert "1x3x64x128" in text  # the run's test scale, then a second size
     before = out.read_bytes()
     assert main(["export", str(run_dir), "-o", str(out)]) == 2  # never overwritten silently
-    assert "exists already" in capsys.readouterr().err and out.read_bytes() == before
+    assert "exists" in capsys.readouterr().err and out.read_bytes() == before
 
     images = tmp_path / "in"
     images.mkdir()

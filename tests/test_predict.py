@@ -14,6 +14,7 @@ from test_cli_test import make_run
 
 from dida.cli.main import main
 from dida.data.inputs import collect_inputs
+from dida.engine.predict import is_output
 from dida.viz import colorize, overlay
 
 
@@ -171,14 +172,22 @@ def test_predict_errors(run_dir: Path, tmp_path: Path, capsys: pytest.CaptureFix
         assert err.startswith("dida predict: error:") and needle in err, err
 
 
-def test_collect_inputs_globs_prefixes_and_output_folder(tmp_path: Path) -> None:
-    for rel in ("a/1.png", "a/sub/2.jpg", "a/notes.txt", "b/1.png", "a/out/old_overlay.png"):
+def test_collect_inputs_globs_prefixes_and_earlier_outputs(tmp_path: Path) -> None:
+    inputs = ("a/1.png", "a/sub/2.jpg", "a/notes.txt", "a/x_overlay.png", "b/1.png")
+    outputs = ("a/out/old_overlay.png", "a/out/clip/000001_trainIds.png", "a/out/mine.png")
+    for rel in inputs + outputs:
         (tmp_path / rel).parent.mkdir(parents=True, exist_ok=True)
         (tmp_path / rel).write_bytes(b"x")
-    single = collect_inputs([str(tmp_path / "a")], exclude=tmp_path / "a" / "out")
-    assert [e.rel.as_posix() for e in single] == ["1.png", "sub/2.jpg"]
-    several = collect_inputs([str(tmp_path / "a"), str(tmp_path / "b" / "*.png")])
-    rels = [e.rel.as_posix() for e in several]
-    assert rels == ["a/1.png", "a/out/old_overlay.png", "a/sub/2.jpg", "b/1.png"]
+    out = tmp_path / "a" / "out"
+    single = collect_inputs([str(tmp_path / "a")], skip=lambda p: is_output(p, out))
+    # earlier outputs in the output folder are left out, anything else is an input
+    assert [e.rel.as_posix() for e in single] == [
+        "1.png",
+        "out/mine.png",
+        "sub/2.jpg",
+        "x_overlay.png",
+    ]
+    several = collect_inputs([str(tmp_path / "a" / "sub"), str(tmp_path / "b" / "*.png")])
+    assert [e.rel.as_posix() for e in several] == ["sub/2.jpg", "b/1.png"]
     glob = collect_inputs([str(tmp_path / "**" / "2.jpg"), str(tmp_path / "a" / "sub" / "2.jpg")])
     assert [e.rel.as_posix() for e in glob] == [f"{tmp_path.name}/a/sub/2.jpg"]  # taken once

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 from pathlib import Path
+from typing import Any
 
 from dida.errors import UserError
 
@@ -56,49 +57,47 @@ def run(args: argparse.Namespace) -> int:
 
     from dida.cli.test import resolve_run
     from dida.config import config_to_dict, load_config
-    from dida.engine.predict import place_file, temp_path
     from dida.eval.evaluate import load_segmentor
-    from dida.export import OnnxSegmentor, check_export, export_metadata, export_onnx
+    from dida.export import OnnxSegmentor, export_metadata, export_onnx
+    from dida.io_safety import atomic_output, check_output
 
     needed = ("onnx",) if args.no_check else ("onnx", "onnxruntime")
     missing = [name for name in needed if importlib.util.find_spec(name) is None]
     if missing:
         raise UserError(f"{', '.join(missing)} not installed: pip install 'dida[export]'")
-
     config, checkpoint, _ = resolve_run(
         Path(args.target), args.checkpoint and Path(args.checkpoint)
     )
-    if args.out.exists() and not args.overwrite:
-        raise UserError(f"{args.out}: exists already; not overwritten: pass --overwrite")
+    out = check_output(args.out, overwrite=args.overwrite, suffixes=(".onnx",), what="ONNX file")
     cfg = load_config(config, args.overrides)
     model = load_segmentor(cfg.model, checkpoint, "cpu")
-    args.out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = temp_path(args.out)
-    try:
+    with atomic_output(out, what="ONNX file") as tmp:  # renamed to `out` only after the check
         meta = export_metadata(config_to_dict(cfg), args.include_normalize, args.argmax)
         export_onnx(
             model, tmp, include_normalize=args.include_normalize, argmax=args.argmax,
             opset=args.opset, metadata=meta,
         )  # fmt: skip
         if not args.no_check:
-            results = check_export(
-                model, OnnxSegmentor(tmp), check_sizes(cfg.eval.scale),
-                include_normalize=args.include_normalize, argmax=args.argmax,
-                tolerance=args.tolerance,
-            )  # fmt: skip
-            for r in results:
-                shape = "x".join(map(str, r.shape))
-                if r.max_abs_diff is not None:
-                    measure = f"max |Δ logits| = {r.max_abs_diff:.2e}"
-                else:
-                    measure = f"labels equal on {100 * r.label_agreement:.3f} % of pixels"
-                print(f"check {shape}: {measure} ({'ok' if r.ok else 'FAILED'})")
-            if not all(r.ok for r in results):
-                print(f"onnxruntime differs from PyTorch beyond {args.tolerance}: not written")
-                return 1
-        place_file(tmp, args.out, args.overwrite)
-    finally:
-        tmp.unlink(missing_ok=True)
-    size_mb = args.out.stat().st_size / 2**20
-    print(f"exported {cfg.model.variant} to {args.out} ({size_mb:.1f} MB, opset {args.opset})")
+            _check(model, OnnxSegmentor(tmp), cfg.eval.scale, args)
+    size_mb = out.stat().st_size / 2**20
+    print(f"exported {cfg.model.variant} to {out} ({size_mb:.1f} MB, opset {args.opset})")
     return 0
+
+
+def _check(model: Any, onnx_model: Any, scale: list[int], args: argparse.Namespace) -> None:
+    """Print the comparison at two sizes; a failed check stops before the file is kept."""
+    from dida.export import check_export
+
+    results = check_export(
+        model, onnx_model, check_sizes(scale), include_normalize=args.include_normalize,
+        argmax=args.argmax, tolerance=args.tolerance,
+    )  # fmt: skip
+    for r in results:
+        shape = "x".join(map(str, r.shape))
+        if r.max_abs_diff is not None:
+            measure = f"max |Δ logits| = {r.max_abs_diff:.2e}"
+        else:
+            measure = f"labels equal on {100 * r.label_agreement:.3f} % of pixels"
+        print(f"check {shape}: {measure} ({'ok' if r.ok else 'FAILED'})")
+    if not all(r.ok for r in results):
+        raise UserError(f"onnxruntime differs from PyTorch beyond {args.tolerance}: not written")

@@ -10,8 +10,6 @@ from typing import TYPE_CHECKING, Any
 from dida.errors import UserError
 
 if TYPE_CHECKING:
-    import torch
-
     from dida.config import ExperimentConfig
     from dida.engine.predict import OutputOptions
 
@@ -112,31 +110,31 @@ def _options(args: argparse.Namespace, num_classes: int) -> OutputOptions:
     )  # fmt: skip
 
 
-def _load_model(
+def _load_config(
     args: argparse.Namespace, target: str | None, checkpoint: str | None
-) -> tuple[ExperimentConfig, Any, torch.device]:
-    """(config, model, device) for PyTorch or onnxruntime."""
+) -> tuple[ExperimentConfig, Any, Path | None]:
+    """(config, onnxruntime model or None, checkpoint or None): cheap, before the outputs check."""
     import torch
 
     from dida.cli.test import resolve_run
     from dida.config import apply_overrides, config_from_dict, load_config
-    from dida.eval.evaluate import load_segmentor, resolve_device
 
-    if args.onnx is not None:
-        from dida.export import OnnxSegmentor
+    if args.onnx is None:
+        config, ckpt, _ = resolve_run(Path(target), checkpoint and Path(checkpoint))
+        return load_config(config, args.overrides), None, ckpt
+    from dida.export import OnnxSegmentor
 
-        device = resolve_device(args.device or "cpu")
-        model = OnnxSegmentor(args.onnx, device=device.type, threads=torch.get_num_threads())
-        if model.outputs_labels:
-            raise UserError(f"{args.onnx}: exported with --argmax; dida predict needs logits")
-        if model.config is None:
-            raise UserError(f"{args.onnx}: no dida.config metadata; export it with dida export")
-        cfg = apply_overrides(config_from_dict(model.config, str(args.onnx)), args.overrides)
-        return cfg, model, torch.device("cpu")
-    config, ckpt, _ = resolve_run(Path(target), checkpoint and Path(checkpoint))
-    cfg = load_config(config, args.overrides)
-    device = resolve_device(args.device or cfg.train.device)
-    return cfg, load_segmentor(cfg.model, ckpt, device), device
+    device = "cuda" if (args.device or "").startswith("cuda") else "cpu"
+    model = OnnxSegmentor(args.onnx, device=device, threads=torch.get_num_threads())
+    if model.outputs_labels:
+        raise UserError(f"{args.onnx}: exported with --argmax; dida predict needs logits")
+    if model.config is None:
+        raise UserError(f"{args.onnx}: no dida.config metadata; export it with dida export")
+    return (
+        apply_overrides(config_from_dict(model.config, str(args.onnx)), args.overrides),
+        model,
+        None,
+    )
 
 
 def run(args: argparse.Namespace) -> int:
@@ -146,23 +144,26 @@ def run(args: argparse.Namespace) -> int:
     from tqdm import tqdm
 
     from dida.data.inputs import collect_inputs
-    from dida.engine.predict import check_outputs, run_predictions
-    from dida.eval.evaluate import MODES
+    from dida.engine.predict import check_outputs, is_output, run_predictions
+    from dida.eval.evaluate import MODES, load_segmentor, resolve_device
     from dida.eval.predict import Predictor
 
     target, checkpoint, inputs = split_paths(args.paths, args.onnx is not None)
-    entries = collect_inputs(inputs, exclude=args.out)
-    cfg, model, device = _load_model(args, target, checkpoint)
+    entries = collect_inputs(inputs, skip=lambda path: is_output(path, args.out))
+    cfg, model, ckpt = _load_config(args, target, checkpoint)
     mode = args.inference or cfg.eval.mode
     if mode not in MODES:
         raise UserError(f"eval.mode '{mode}': expected one of {MODES}")
     options = _options(args, cfg.model.num_classes)
-    check_outputs(entries, options)
-    dtype = torch.float32  # onnxruntime runs the exported fp32 graph
-    if args.onnx is None and (device.type != "cpu" or args.precision != "auto"):
-        from dida.engine.train import resolve_precision  # the training loop's rule, imported lazily
+    check_outputs(entries, options)  # before the (slow) model loading
+    device, dtype = torch.device("cpu"), torch.float32  # onnxruntime: the exported fp32 graph
+    if model is None:
+        device = resolve_device(args.device or cfg.train.device)
+        model = load_segmentor(cfg.model, ckpt, device)
+        if device.type != "cpu" or args.precision != "auto":
+            from dida.engine.train import resolve_precision  # imported only when needed
 
-        dtype = resolve_precision(args.precision, device)
+            dtype = resolve_precision(args.precision, device)
     predictor = Predictor(
         model, num_classes=cfg.model.num_classes, mode=mode, crop_size=cfg.eval.crop_size,
         stride=cfg.eval.stride, device=device, dtype=dtype,

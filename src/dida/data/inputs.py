@@ -9,7 +9,7 @@ becomes an item with an `error` message instead of stopping the run.
 from __future__ import annotations
 
 import glob
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -48,15 +48,12 @@ class InputFile:
     is_video: bool
 
 
-def _media(paths: Sequence[Path], exclude: Path | None) -> list[Path]:
+def _media(paths: Sequence[Path], skip: Callable[[Path], bool] | None) -> list[Path]:
     suffixes = IMAGE_SUFFIXES + VIDEO_SUFFIXES
     found = []
     for path in paths:
-        if path.suffix.lower() not in suffixes or not path.is_file():
-            continue
-        if exclude is not None and path.resolve().is_relative_to(exclude):
-            continue  # outputs of an earlier run inside the input folder
-        found.append(path)
+        if path.suffix.lower() in suffixes and path.is_file() and not (skip and skip(path)):
+            found.append(path)
     return sorted(found)
 
 
@@ -70,17 +67,19 @@ def _glob_base(pattern: str) -> Path:
     return Path(*fixed) if fixed else Path(".")
 
 
-def collect_inputs(inputs: Sequence[str], exclude: str | Path | None = None) -> list[InputFile]:
+def collect_inputs(
+    inputs: Sequence[str], skip: Callable[[Path], bool] | None = None
+) -> list[InputFile]:
     """Expand files, folders (recursively), and globs into images and videos.
 
     An output keeps its input's path relative to the folder (or the glob's fixed part); with
-    several inputs, a folder's or glob's files go under a sub-folder named after it. Files under
-    `exclude` (the output folder) are left out, and a file named twice is taken once.
+    several inputs, a folder's or glob's files go under a sub-folder named after it. Files of
+    folders and globs for which `skip` is true (earlier outputs) are left out, and a file named
+    twice is taken once.
 
     Raises:
         DataError: an input that does not exist, or a folder or glob without images or videos.
     """
-    skip = Path(exclude).resolve() if exclude is not None else None
     several = len(inputs) > 1
     entries: dict[Path, InputFile] = {}
     for item in inputs:

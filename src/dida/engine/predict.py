@@ -10,8 +10,8 @@ reported, counted and skipped.
 
 from __future__ import annotations
 
+import contextlib
 import io
-import os
 import time
 from collections.abc import Callable, Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
@@ -27,12 +27,14 @@ from dida.data.inputs import ImageInputs, InputFile, VideoFrames, video_info
 from dida.data.io import encode_png
 from dida.errors import DataError, UserError
 from dida.eval.predict import Predictor
+from dida.io_safety import WriteError, atomic_output, atomic_write, check_writable_dir
 from dida.viz import colorize, overlay
 
 SAVE_KINDS = ("label", "color", "overlay", "video")
 FRAME_KINDS = ("label", "color", "overlay")
 _VIDEO_FOURCC = "mp4v"
 _VIDEO_SUFFIX = ".mp4"
+_DEFAULT_FPS = 30.0  # for containers that do not state their frame rate
 _PENDING_WRITES = 32  # PNG writes queued before the loop waits for the writer threads
 
 
@@ -103,6 +105,13 @@ def video_output(rel: Path, options: OutputOptions) -> Path:
     return base.with_name(base.name + "_overlay" + _VIDEO_SUFFIX)
 
 
+def is_output(path: Path, out_dir: Path) -> bool:
+    """Whether `path` is an earlier output of `dida predict` into `out_dir` (not an input)."""
+    name = path.name
+    suffixes = ("_trainIds.png", "_labelIds.png", "_color.png", "_overlay.png", "_overlay.mp4")
+    return name.endswith(suffixes) and path.resolve().is_relative_to(out_dir.resolve())
+
+
 def check_outputs(entries: Sequence[InputFile], options: OutputOptions) -> None:
     """Refuse two inputs with one output, and (without `overwrite`) outputs that exist already.
 
@@ -121,6 +130,7 @@ def check_outputs(entries: Sequence[InputFile], options: OutputOptions) -> None:
             if path in planned:
                 raise UserError(f"{planned[path]} and {entry.path} would both write {path}")
             planned[path] = entry.path
+    check_writable_dir(options.out_dir)
     if options.overwrite:
         return
     existing = [p for p in planned if p.is_file() or (p.is_dir() and any(p.iterdir()))]
@@ -129,35 +139,6 @@ def check_outputs(entries: Sequence[InputFile], options: OutputOptions) -> None:
         raise UserError(
             f"{existing[0]}: exists already{more}; not overwritten: pass --overwrite or another -o"
         )
-
-
-def place_file(tmp: Path, path: Path, overwrite: bool) -> None:
-    """Move a finished temporary file to `path`; without `overwrite` never replaces a file.
-
-    Raises:
-        DataError: `path` exists (without `overwrite`) or cannot be written.
-    """
-    try:
-        if overwrite:
-            os.replace(tmp, path)
-            return
-        try:
-            os.link(tmp, path)  # fails if `path` exists, even when it appeared meanwhile
-        except FileExistsError:
-            raise DataError(f"{path}: exists already, not overwritten") from None
-        except OSError:  # filesystems without hard links
-            if path.exists():
-                raise DataError(f"{path}: exists already, not overwritten") from None
-            os.replace(tmp, path)
-    except OSError as err:
-        raise DataError(f"{path}: cannot write ({err.strerror or err})") from None
-    finally:
-        tmp.unlink(missing_ok=True)
-
-
-def temp_path(path: Path) -> Path:
-    """A hidden temporary name beside `path` that keeps its suffix (OpenCV picks formats by it)."""
-    return path.with_name(f".{path.stem}.{os.getpid()}.tmp{path.suffix}")
 
 
 def encode_palette_png(label: np.ndarray, palette: Any = None) -> bytes:
@@ -176,46 +157,32 @@ def encode_palette_png(label: np.ndarray, palette: Any = None) -> bytes:
     return buffer.getvalue()
 
 
-def write_png(path: Path, data: np.ndarray | bytes, overwrite: bool) -> None:
+def _write_png(path: Path, data: np.ndarray | bytes) -> None:
     """Write a uint8 [H, W] or RGB [H, W, 3] array (or encoded PNG bytes) atomically."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = temp_path(path)
-    try:
-        tmp.write_bytes(data if isinstance(data, bytes) else encode_png(data))
-    except OSError as err:
-        tmp.unlink(missing_ok=True)
-        raise DataError(f"{path}: cannot write ({err.strerror or err})") from None
-    place_file(tmp, path, overwrite)
+    atomic_write(path, data if isinstance(data, bytes) else encode_png(data), what="prediction")
 
 
-class _VideoOut:
-    """An mp4v video written to a temporary file (opened at the first frame, whose size it takes)
-    and moved into place when finished."""
+class _VideoWriter:
+    """An mp4v video writer, opened at the first frame (whose size it takes)."""
 
-    def __init__(self, path: Path, fps: float, overwrite: bool) -> None:
-        self.path, self.tmp, self.fps, self.overwrite = path, temp_path(path), fps, overwrite
+    def __init__(self, path: Path, fps: float) -> None:
+        self.path, self.fps = path, fps
         self.writer: cv2.VideoWriter | None = None
 
     def write(self, rgb: np.ndarray) -> None:
+        """Shapes: rgb: [H, W, 3] uint8."""
         if self.writer is None:
-            self.path.parent.mkdir(parents=True, exist_ok=True)
             fourcc = cv2.VideoWriter_fourcc(*_VIDEO_FOURCC)
-            size = (rgb.shape[1], rgb.shape[0])
-            self.writer = cv2.VideoWriter(str(self.tmp), fourcc, self.fps, size)
+            self.writer = cv2.VideoWriter(str(self.path), fourcc, self.fps, rgb.shape[1::-1])
             if not self.writer.isOpened():
-                raise DataError(
+                raise WriteError(
                     f"{self.path}: cannot write video ({_VIDEO_FOURCC}, {self.fps} fps)"
                 )
         self.writer.write(cv2.cvtColor(rgb, cv2.COLOR_RGB2BGR))
 
-    def close(self, keep: bool) -> None:
-        if self.writer is None:
-            return
-        self.writer.release()
-        if keep:
-            place_file(self.tmp, self.path, self.overwrite)
-        else:
-            self.tmp.unlink(missing_ok=True)
+    def release(self) -> None:
+        if self.writer is not None:
+            self.writer.release()
 
 
 class _Renderer:
@@ -239,9 +206,7 @@ class _Renderer:
 
     def write(self, paths: dict[str, Path], arrays: dict[str, Any]) -> None:
         for kind, path in paths.items():
-            self.pending.append(
-                self.pool.submit(write_png, path, arrays[kind], self.options.overwrite)
-            )
+            self.pending.append(self.pool.submit(_write_png, path, arrays[kind]))
         while len(self.pending) > _PENDING_WRITES:
             self.pending.pop(0).result()
 
@@ -285,29 +250,30 @@ def _predict_video(
     options = render.options
     kinds = set(options.video_kinds)
     frames = VideoFrames(entry.path, scale, keep_image=bool(kinds & {"overlay", "video"}))
-    path = video_output(entry.rel, options)
-    video = (
-        _VideoOut(path, fps if fps > 0 else 30.0, options.overwrite) if "video" in kinds else None
-    )
     count = 0
     try:
-        for batch in _loader(frames, loader_args[0], min(loader_args[1], 1)):  # frames in order
-            for item, label in predictor.predict_items(batch):
-                arrays = render.images(item, label.numpy().astype(np.uint8), kinds)
-                render.write(frame_outputs(entry.rel, item["index"], options), arrays)
-                if video is not None:
-                    video.write(arrays["overlay"])
-            count += len(batch)
-            bar.update(len(batch))
-    finally:
-        if video is not None:
-            video.close(keep=count > 0)
-    if count == 0:
-        summary.skipped.append(f"{entry.path}: no frame could be decoded")
-        log(f"skipped: {summary.skipped[-1]}")
-    else:
-        summary.videos += 1
-        summary.frames += count
+        with contextlib.ExitStack() as stack:
+            video = None
+            if "video" in kinds:  # written to a temporary file, renamed when complete
+                tmp = stack.enter_context(atomic_output(video_output(entry.rel, options), "video"))
+                video = _VideoWriter(tmp, fps if fps > 0 else _DEFAULT_FPS)
+                stack.callback(video.release)
+            for batch in _loader(frames, loader_args[0], min(loader_args[1], 1)):  # in order
+                for item, label in predictor.predict_items(batch):
+                    arrays = render.images(item, label.numpy().astype(np.uint8), kinds)
+                    render.write(frame_outputs(entry.rel, item["index"], options), arrays)
+                    if video is not None:
+                        video.write(arrays["overlay"])
+                count += len(batch)
+                bar.update(len(batch))
+            if count == 0:
+                raise DataError(f"{entry.path}: no frame could be decoded")
+    except DataError as err:
+        summary.skipped.append(str(err))
+        log(f"skipped: {err}")
+        return
+    summary.videos += 1
+    summary.frames += count
 
 
 def run_predictions(
@@ -323,7 +289,7 @@ def run_predictions(
 ) -> PredictSummary:
     """Predict every image and video frame of `entries` and write the outputs of `options`.
 
-    Call `check_outputs` first: outputs found to exist here stop the run with a DataError.
+    Call `check_outputs` first: it refuses outputs that exist (without `overwrite`).
     """
     from tqdm import tqdm
 
