@@ -221,3 +221,30 @@ def test_wrapper_script(tmp_path: Path) -> None:
         [sys.executable, str(script), "missing"], cwd=tmp_path, capture_output=True
     )
     assert bad.returncode == 2 and b"missing" in bad.stderr
+
+
+def test_gta_size_mismatch_is_reported_and_training_resizes(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys
+) -> None:
+    """GTA5 has image/label pairs of different sizes: reported, and loading resizes the label."""
+    from dida.config import DatasetConfig
+    from dida.data.datasets import build_dataset
+
+    monkeypatch.chdir(tmp_path)
+    synthetic.make_gta("data/gta", 3, size=(20, 30), seed=4)
+    ids = np.full((10, 15), 26, np.uint8)  # car, at half the image size
+    ids[:, :5] = 7  # road on the left third
+    label = Image.fromarray(ids, mode="P")
+    label.putpalette([0] * 768)
+    label.save("data/gta/labels/00002.png")
+    code = main(["convert", "gta", "data/gta", "--nproc", "1"])
+    out = capsys.readouterr().out
+    assert code == 0
+    assert "1 image/label pairs differ in size" in out
+    assert "data/gta/labels/00002.png: image 30×20, label 15×10" in out
+    assert _read(Path("data/gta/labels/00002_labelTrainIds.png")).shape == (10, 15)  # unchanged
+    dataset = build_dataset(DatasetConfig(kind="gta", root="data/gta"))
+    assert len(dataset.size_mismatches()) == 1 and "00002" in dataset.size_mismatches()[0]
+    image, train_ids = dataset.load(1)
+    assert image.shape[:2] == train_ids.shape == (20, 30)
+    assert (train_ids[:, :10] == 0).all() and (train_ids[:, 10:] == 13).all()  # nearest

@@ -192,3 +192,21 @@ def test_mixed_precision_and_tensorboard(
     assert ("scale" in ckpt["scaler"]) == (precision == "fp16")  # a grad scaler only for fp16
     assert all(v.dtype == torch.float32 for v in ckpt["student"].values() if v.is_floating_point())
     assert list((tmp_path / "tb").glob("events.out.tfevents.*"))
+
+
+def test_source_size_mismatch_is_logged_and_trains(tiny_uda_root: Path, tmp_path: Path) -> None:
+    """A GTA label of another size than its image: resized (nearest), counted in the log."""
+    import shutil
+
+    import cv2
+
+    root = tmp_path / "uda"
+    shutil.copytree(tiny_uda_root, root)
+    label = next((root / "gta" / "labels").glob("*_labelTrainIds.png"))
+    small = cv2.imread(str(label), cv2.IMREAD_UNCHANGED)[::2, ::2]
+    cv2.imwrite(str(label), small)
+    cfg = _cfg(root, "daformer", 1, ["data.rcs.enabled=false"])
+    train(cfg, tmp_path / "run")
+    log = (tmp_path / "run" / "train.log").read_text()
+    assert "1 of 6 source image/label pairs differ in size" in log
+    assert load_checkpoint(tmp_path / "run" / "latest.pth")["iteration"] == 1

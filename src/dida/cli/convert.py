@@ -37,8 +37,17 @@ def run(args: argparse.Namespace) -> int:
     def progress(iterable, total):
         return tqdm(iterable, total=total, desc=f"convert {args.dataset}", unit="file")
 
-    stats = convert_dataset(
+    result = convert_dataset(
         args.dataset, args.root, args.out_dir, args.gt_dir, args.nproc, progress=progress
     )
-    print(f"converted {args.dataset} at {args.root}: {len(stats)} files with class statistics")
+    print(
+        f"converted {args.dataset} at {args.root}: {len(result.stats)} files with class statistics"
+    )
+    if result.size_mismatches:
+        print(f"note: {len(result.size_mismatches)} image/label pairs differ in size; training "
+              "resizes these labels to their images (nearest):")  # fmt: skip
+        for line in result.size_mismatches[:20]:
+            print(f"  {line}")
+        if len(result.size_mismatches) > 20:
+            print(f"  ... and {len(result.size_mismatches) - 20} more")
     return 0

@@ -57,6 +57,17 @@ class Task:
     src: str
     out: str
     with_stats: bool
+    # the label's image, to report pairs whose sizes differ (GTA5 has some)
+    image: str | None = None
+
+
+@dataclass
+class Conversion:
+    """What `convert_dataset` did: the per-file statistics and the image/label size mismatches."""
+
+    stats: list[dict[str, int | str]]
+    # "label: image H×W, label H×W" for every pair whose sizes differ
+    size_mismatches: list[str]
 
 
 def class_counts(train_ids: np.ndarray) -> dict[str, int]:
@@ -108,9 +119,16 @@ def to_train_ids(kind: str, src: str) -> np.ndarray:
     return _CITYSCAPES_TABLE[ids]
 
 
-def convert_one(task: Task) -> dict[str, int | str] | None:
-    """Convert one label file and return its stats dict (or None when stats are not kept)."""
+def convert_one(task: Task) -> tuple[dict[str, int | str] | None, str | None]:
+    """Convert one label file; returns its stats dict (None when stats are not kept) and a
+    size-mismatch note (None when the label has its image's size or no image is known)."""
     train_ids = to_train_ids(task.kind, task.src)
+    mismatch = None
+    if task.image is not None:
+        image_hw = io.image_size(task.image)
+        if image_hw != train_ids.shape:
+            (ih, iw), (lh, lw) = image_hw, train_ids.shape
+            mismatch = f"{task.src}: image {iw}×{ih}, label {lw}×{lh}"
     out = Path(task.out)
     if out.exists():
         if not np.array_equal(io.read_label(out), train_ids):
@@ -118,10 +136,10 @@ def convert_one(task: Task) -> dict[str, int | str] | None:
     else:
         io.write_new_file(out, io.encode_png(train_ids))
     if not task.with_stats:
-        return None
+        return None, mismatch
     stats: dict[str, int | str] = dict(class_counts(train_ids))
     stats["file"] = task.out
-    return stats
+    return stats, mismatch
 
 
 def _gta_synthia_tasks(kind: str, root: Path, label_root: Path) -> list[Task]:
@@ -135,7 +153,7 @@ def _gta_synthia_tasks(kind: str, root: Path, label_root: Path) -> list[Task]:
         if not image.is_file():
             raise DataError(f"{label}: label without image (expected {image})")
         out = label.with_name(label.stem + OUT_SUFFIX)
-        tasks.append(Task(kind, str(label), str(out), with_stats=True))
+        tasks.append(Task(kind, str(label), str(out), with_stats=True, image=str(image)))
     return tasks
 
 
@@ -218,8 +236,11 @@ def convert_dataset(
     gt_dir: str | None = None,
     nproc: int | None = None,
     progress: Progress | None = None,
-) -> list[dict[str, int | str]]:
+) -> Conversion:
     """Convert every label of a dataset root and write the statistics files.
+
+    GTA/SYNTHIA image/label pairs whose sizes differ are reported (GTA5 has such pairs); their
+    converted labels keep the label's size, and training resizes them to the image.
 
     Args:
         kind: "gta", "synthia" or "cityscapes".
@@ -230,7 +251,7 @@ def convert_dataset(
         progress: `progress(iterable, total)` wraps the results, e.g. with `tqdm`.
 
     Returns:
-        The per-file stats dicts, in sorted file order.
+        The per-file stats dicts in sorted file order, and the size mismatches.
     """
     if kind not in SPECS:
         raise DataError(f"unknown dataset kind '{kind}', expected one of {sorted(SPECS)}")
@@ -248,10 +269,11 @@ def convert_dataset(
     else:
         tasks = _gta_synthia_tasks(kind, root, label_root)
     results = _run(tasks, nproc or spec.default_nproc, progress or (lambda it, total: it))
-    stats = [s for s in results if s is not None]
+    stats = [s for s, _ in results if s is not None]
+    mismatches = [m for _, m in results if m is not None]
     texts = stats_files(stats)
     if kind == "cityscapes":
         texts.update(_split_lists(root))
     for name, text in texts.items():
         _write_text(out / name, text)
-    return stats
+    return Conversion(stats, mismatches)

@@ -18,7 +18,7 @@ from dida.config import DatasetConfig
 from dida.data import io
 from dida.data.convert import OUT_SUFFIX, SPECS
 from dida.data.labels import CLASSES, PALETTE
-from dida.data.transforms import eval_pipeline
+from dida.data.transforms import eval_pipeline, resize_label
 from dida.errors import DataError
 
 
@@ -126,13 +126,28 @@ class SegDataset:
         return len(self.files)
 
     def load(self, index: int) -> tuple[np.ndarray, np.ndarray | None]:
-        """Shapes: returns image [H, W, 3] uint8 RGB, label [H, W] uint8 (or None)."""
+        """Image and label; a label of another size than its image is resized to it (nearest).
+
+        Shapes: returns image [H, W, 3] uint8 RGB, label [H, W] uint8 (or None).
+        """
         img_path, label_path = self.files[index]
         image = io.read_image(img_path)
         label = None if label_path is None else io.read_label(label_path)
         if label is not None and label.shape != image.shape[:2]:
-            raise DataError(f"{label_path}: size {label.shape} differs from its image's")
+            label = resize_label(label, (image.shape[1], image.shape[0]))
         return image, label
+
+    def size_mismatches(self) -> list[str]:
+        """Pairs whose label size differs from the image size, from the file headers (fast)."""
+        found = []
+        for img_path, label_path in self.files:
+            if label_path is None:
+                continue
+            image_hw, label_hw = io.image_size(img_path), io.image_size(label_path)
+            if image_hw != label_hw:
+                found.append(f"{label_path}: image {image_hw[1]}×{image_hw[0]}, "
+                             f"label {label_hw[1]}×{label_hw[0]}")  # fmt: skip
+        return found
 
 
 def build_dataset(cfg: DatasetConfig, with_labels: bool = True) -> SegDataset:

@@ -27,6 +27,18 @@ def read_unchanged(path: str | Path, flags: int = cv2.IMREAD_UNCHANGED) -> np.nd
     return array
 
 
+def image_size(path: str | Path) -> tuple[int, int]:
+    """(height, width) of an image file from its header, without decoding the pixels."""
+    from PIL import Image, UnidentifiedImageError
+
+    try:
+        with Image.open(path) as img:
+            width, height = img.size
+    except (OSError, UnidentifiedImageError) as err:
+        raise DataError(f"{path}: cannot read image header: {err}") from None
+    return height, width
+
+
 def read_image(path: str | Path) -> np.ndarray:
     """Read an image file as RGB uint8.
 

@@ -143,6 +143,8 @@ def _train(cfg, run_dir, resume, on_finish) -> dict:  # noqa: ANN001
         save_config(cfg, run_dir / f"{cfg.name}.json")
     barrier()
     setup_logging(run_dir / "train.log", dist_info.is_main)
+    if dist_info.is_main:
+        _log_size_mismatches(train_set.source)
     torch.manual_seed(tcfg.seed + dist_info.rank)
     method = build_method(cfg, train_set, device, rank=dist_info.rank)
     student = method.student
@@ -223,6 +225,25 @@ def _train(cfg, run_dir, resume, on_finish) -> dict:  # noqa: ANN001
     barrier()
     cleanup()
     return result
+
+
+def _save_best(run_dir: Path, saved: Path | None, state: dict | None, best: dict) -> None:
+    """`best.pth`: a link to this iteration's checkpoint, or its own file if none was written."""
+    if saved is not None:
+        ckpt_io.atomic_link(saved, run_dir / "best.pth")
+    else:
+        ckpt_io.atomic_save(state, run_dir / "best.pth")
+    log.info("best.pth: mIoU %.2f at iteration %d", 100 * best["mIoU"], best["iteration"])
+
+
+def _log_size_mismatches(source) -> None:  # noqa: ANN001
+    """GTA5 has image/label pairs of different sizes: say how many (the loader resizes them)."""
+    mismatched = source.size_mismatches()
+    if mismatched:
+        log.warning(
+            "%d of %d source image/label pairs differ in size; their labels are resized to the "
+            "image (nearest), e.g. %s", len(mismatched), len(source), mismatched[0],
+        )  # fmt: skip
 
 
 def _build_data(cfg: ExperimentConfig) -> tuple:
