@@ -29,6 +29,7 @@ Inputs: image files, folders (searched recursively), glob patterns (quote them) 
 <name>_overlay.mp4 and, when asked with --save, per-frame PNGs in <name>/. Existing outputs are
 never replaced without --overwrite. Unreadable files are reported and skipped.
 """
+SAVE_KINDS = ("label", "color", "overlay", "video")
 _CHECKPOINT_SUFFIXES = (".pth", ".pt", ".ckpt", ".safetensors", ".bin")
 
 
@@ -40,7 +41,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     )  # fmt: skip
     parser.add_argument("-o", "--out", type=Path, required=True, help="output folder")
     parser.add_argument(
-        "--save", nargs="+", choices=("label", "color", "overlay", "video"), metavar="KIND",
+        "--save", nargs="+", choices=SAVE_KINDS, metavar="KIND",
         help="outputs: label, color, overlay, video (default: label overlay for images, video "
         "for videos; given kinds apply to both, label/color/overlay of a video as frame PNGs)",
     )  # fmt: skip

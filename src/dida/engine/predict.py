@@ -30,10 +30,10 @@ from dida.eval.predict import Predictor
 from dida.io_safety import WriteError, atomic_output, atomic_write, check_writable_dir
 from dida.viz import colorize, overlay
 
-SAVE_KINDS = ("label", "color", "overlay", "video")
 FRAME_KINDS = ("label", "color", "overlay")
 _VIDEO_FOURCC = "mp4v"
-_VIDEO_SUFFIX = ".mp4"
+_VIDEO_SUFFIX = "_overlay.mp4"
+_OUTPUT_SUFFIXES = ("_trainIds.png", "_labelIds.png", "_color.png", "_overlay.png", _VIDEO_SUFFIX)
 _DEFAULT_FPS = 30.0  # for containers that do not state their frame rate
 _PENDING_WRITES = 32  # PNG writes queued before the loop waits for the writer threads
 
@@ -85,31 +85,30 @@ def _base(rel: Path) -> Path:
     return rel.with_name(stem)
 
 
+def _suffix(kind: str, options: OutputOptions) -> str:
+    return options.label_suffix if kind == "label" else f"_{kind}.png"
+
+
 def image_outputs(rel: Path, options: OutputOptions) -> dict[str, Path]:
     base = options.out_dir / _base(rel)
-    names = {"label": options.label_suffix, "color": "_color.png", "overlay": "_overlay.png"}
-    return {
-        k: base.with_name(base.name + names[k]) for k in FRAME_KINDS if k in options.image_kinds
-    }
+    kinds = [k for k in FRAME_KINDS if k in options.image_kinds]
+    return {k: base.with_name(base.name + _suffix(k, options)) for k in kinds}
 
 
 def frame_outputs(rel: Path, index: int, options: OutputOptions) -> dict[str, Path]:
     folder = options.out_dir / _base(rel)
-    names = {"label": options.label_suffix, "color": "_color.png", "overlay": "_overlay.png"}
     kinds = [k for k in FRAME_KINDS if k in options.video_kinds]
-    return {k: folder / f"{index:06d}{names[k]}" for k in kinds}
+    return {k: folder / f"{index:06d}{_suffix(k, options)}" for k in kinds}
 
 
 def video_output(rel: Path, options: OutputOptions) -> Path:
     base = options.out_dir / _base(rel)
-    return base.with_name(base.name + "_overlay" + _VIDEO_SUFFIX)
+    return base.with_name(base.name + _VIDEO_SUFFIX)
 
 
 def is_output(path: Path, out_dir: Path) -> bool:
     """Whether `path` is an earlier output of `dida predict` into `out_dir` (not an input)."""
-    name = path.name
-    suffixes = ("_trainIds.png", "_labelIds.png", "_color.png", "_overlay.png", "_overlay.mp4")
-    return name.endswith(suffixes) and path.resolve().is_relative_to(out_dir.resolve())
+    return path.name.endswith(_OUTPUT_SUFFIXES) and path.resolve().is_relative_to(out_dir.resolve())
 
 
 def check_outputs(entries: Sequence[InputFile], options: OutputOptions) -> None:
@@ -215,65 +214,74 @@ class _Renderer:
             self.pending.pop(0).result()  # re-raises a write error
 
 
-def _loader(dataset: Any, batch_size: int, num_workers: int) -> DataLoader:
-    return DataLoader(dataset, batch_size=batch_size, num_workers=num_workers, collate_fn=list)
+class _Run:
+    """One `run_predictions` call: loaders, prediction, outputs, progress and the summary."""
 
+    def __init__(
+        self, predictor: Predictor, render: _Renderer, scale: Sequence[int], batch_size: int,
+        num_workers: int, bar: Any, log: Callable[[str], None],
+    ) -> None:  # fmt: skip
+        self.predictor, self.render, self.scale = predictor, render, tuple(scale)
+        self.batch_size, self.num_workers, self.bar, self.log = batch_size, num_workers, bar, log
+        self.summary = PredictSummary()
 
-def _predict_images(
-    predictor: Predictor, entries: list[InputFile], scale: Sequence[int], render: _Renderer,
-    loader_args: tuple[int, int], bar: Any, summary: PredictSummary, log: Callable[[str], None],
-) -> None:  # fmt: skip
-    kinds = set(render.options.image_kinds)
-    dataset = ImageInputs(entries, scale, keep_image="overlay" in kinds)
-    for batch in _loader(dataset, *loader_args):
-        ready = []
-        for item in batch:
-            if "error" in item:
-                summary.skipped.append(item["error"])
-                log(f"skipped: {item['error']}")
-            else:
+    def skip(self, message: str) -> None:
+        self.summary.skipped.append(message)
+        self.log(f"skipped: {message}")
+
+    def _loader(self, dataset: Any, num_workers: int) -> DataLoader:
+        return DataLoader(
+            dataset, batch_size=self.batch_size, num_workers=num_workers, collate_fn=list
+        )
+
+    def images(self, entries: list[InputFile]) -> None:
+        options = self.render.options
+        kinds = set(options.image_kinds)
+        dataset = ImageInputs(entries, self.scale, keep_image="overlay" in kinds)
+        for batch in self._loader(dataset, self.num_workers):
+            ready = []
+            for item in batch:
+                if "error" in item:
+                    self.skip(item["error"])
+                    continue
                 if item["note"]:
-                    log(f"note: {item['note']}")
+                    self.log(f"note: {item['note']}")
                 ready.append(item)
-        for item, label in predictor.predict_items(ready):
-            rel = entries[item["index"]].rel
-            label = label.numpy().astype(np.uint8)
-            render.write(image_outputs(rel, render.options), render.images(item, label, kinds))
-            summary.images += 1
-        bar.update(len(batch))
+            for item, label in self.predictor.predict_items(ready):
+                arrays = self.render.images(item, label.numpy().astype(np.uint8), kinds)
+                self.render.write(image_outputs(entries[item["index"]].rel, options), arrays)
+                self.summary.images += 1
+            self.bar.update(len(batch))
 
-
-def _predict_video(
-    predictor: Predictor, entry: InputFile, fps: float, scale: Sequence[int], render: _Renderer,
-    loader_args: tuple[int, int], bar: Any, summary: PredictSummary, log: Callable[[str], None],
-) -> None:  # fmt: skip
-    options = render.options
-    kinds = set(options.video_kinds)
-    frames = VideoFrames(entry.path, scale, keep_image=bool(kinds & {"overlay", "video"}))
-    count = 0
-    try:
-        with contextlib.ExitStack() as stack:
-            video = None
-            if "video" in kinds:  # written to a temporary file, renamed when complete
-                tmp = stack.enter_context(atomic_output(video_output(entry.rel, options), "video"))
-                video = _VideoWriter(tmp, fps if fps > 0 else _DEFAULT_FPS)
-                stack.callback(video.release)
-            for batch in _loader(frames, loader_args[0], min(loader_args[1], 1)):  # in order
-                for item, label in predictor.predict_items(batch):
-                    arrays = render.images(item, label.numpy().astype(np.uint8), kinds)
-                    render.write(frame_outputs(entry.rel, item["index"], options), arrays)
-                    if video is not None:
-                        video.write(arrays["overlay"])
-                count += len(batch)
-                bar.update(len(batch))
-            if count == 0:
-                raise DataError(f"{entry.path}: no frame could be decoded")
-    except DataError as err:
-        summary.skipped.append(str(err))
-        log(f"skipped: {err}")
-        return
-    summary.videos += 1
-    summary.frames += count
+    def video(self, entry: InputFile, fps: float) -> None:
+        options = self.render.options
+        kinds = set(options.video_kinds)
+        frames = VideoFrames(entry.path, self.scale, keep_image=bool(kinds & {"overlay", "video"}))
+        count = 0
+        try:
+            with contextlib.ExitStack() as stack:
+                video = None
+                if "video" in kinds:  # written to a temporary file, renamed when complete
+                    path = video_output(entry.rel, options)
+                    tmp = stack.enter_context(atomic_output(path, "video"))
+                    video = _VideoWriter(tmp, fps if fps > 0 else _DEFAULT_FPS)
+                    stack.callback(video.release)
+                # one loader worker at most, so that frames arrive in order
+                for batch in self._loader(frames, min(self.num_workers, 1)):
+                    for item, label in self.predictor.predict_items(batch):
+                        arrays = self.render.images(item, label.numpy().astype(np.uint8), kinds)
+                        self.render.write(frame_outputs(entry.rel, item["index"], options), arrays)
+                        if video is not None:
+                            video.write(arrays["overlay"])
+                    count += len(batch)
+                    self.bar.update(len(batch))
+                if count == 0:
+                    raise DataError(f"{entry.path}: no frame could be decoded")
+        except DataError as err:
+            self.skip(str(err))
+            return
+        self.summary.videos += 1
+        self.summary.frames += count
 
 
 def run_predictions(
@@ -294,28 +302,26 @@ def run_predictions(
     from tqdm import tqdm
 
     start = time.perf_counter()
-    summary = PredictSummary()
     images = [e for e in entries if not e.is_video]
-    videos = []
+    videos, unreadable = [], []
     for entry in (e for e in entries if e.is_video):
         try:
             videos.append((entry, video_info(entry.path)))
         except DataError as err:
-            summary.skipped.append(str(err))
-            log(f"skipped: {err}")
+            unreadable.append(str(err))
     total = len(images) + sum(info.frames for _, info in videos)
     bar = tqdm(total=total, desc="predict", unit="img", disable=not progress, dynamic_ncols=True)
-    loader_args = (batch_size, num_workers)
     with bar, ThreadPoolExecutor(max_workers=2) as pool:
         render = _Renderer(options, pool)
+        run = _Run(predictor, render, scale, batch_size, num_workers, bar, log)
+        for message in unreadable:
+            run.skip(message)
         try:
             if images:
-                _predict_images(predictor, images, scale, render, loader_args, bar, summary, log)
+                run.images(images)
             for entry, info in videos:
-                _predict_video(
-                    predictor, entry, info.fps, scale, render, loader_args, bar, summary, log
-                )
+                run.video(entry, info.fps)
         finally:
             render.flush()
-    summary.seconds = time.perf_counter() - start
-    return summary
+    run.summary.seconds = time.perf_counter() - start
+    return run.summary
