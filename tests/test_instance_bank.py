@@ -283,8 +283,11 @@ def _ddp_worker(rank: int, world: int, init: str, out_dir: str) -> None:
             bank.update_(embed, labels)
             fill = InstanceBank(K, D, C)
             fill.fill_online_(embed, labels)
+            ref = InstanceBank(K, D, C, momentum=0.9, update_rule="reference")
+            ref.init_random_(torch.Generator().manual_seed(1))
+            ref.update_(embed, labels)
             torch.save(
-                {"update": bank.state_dict(), "fill": fill.state_dict()},
+                {"update": bank.state_dict(), "fill": fill.state_dict(), "ref": ref.state_dict()},
                 os.path.join(out_dir, f"{mode}_{rank}.pt"),
             )
     finally:
@@ -310,3 +313,10 @@ def test_ddp_ranks_end_with_identical_bank() -> None:
             (e0, l0), (e1, l1) = _data(10), _data(11)
             bank.update_(torch.cat([e0, e1]), torch.cat([l0, l1]))
             torch.testing.assert_close(r0["update"]["feats"], bank.feats)
+            # the reference rule: one event per rank, applied in rank order on every rank
+            assert torch.equal(r0["ref"]["feats"], r1["ref"]["feats"])
+            ref = InstanceBank(K, D, C, momentum=0.9, update_rule="reference")
+            ref.init_random_(torch.Generator().manual_seed(1))
+            ref.update_(e0, l0)
+            ref.update_(e1, l1)
+            torch.testing.assert_close(r0["ref"]["feats"], ref.feats)

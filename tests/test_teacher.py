@@ -214,3 +214,30 @@ def test_pseudo_label_small_crops(top: int, bottom: int) -> None:
     kept_rows = (weight[0, :, 0] > 0).nonzero().flatten().tolist()
     assert kept_rows == list(range(min(top, h), max(h - bottom, 0)))
     assert math.isfinite(weight.sum().item())
+
+
+def _q_worker(rank: int, world: int, port: int, out: dict) -> None:
+    import os
+
+    import torch.distributed as dist
+
+    torch.set_num_threads(1)  # a forked child must not enter the parent's OpenMP pool
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+    dist.init_process_group("gloo", rank=rank, world_size=world)
+    try:
+        probs = torch.full((1, 2, 4, 4), 0.5)
+        probs[0, 0, : 1 + 2 * rank] = 1.0  # rank 0: 4 confident pixels, rank 1: 12
+        _, weight = pseudo_label_from_probs(probs, 0.968, 0, 0)
+        out[rank] = float(weight[0, 0, 0])
+    finally:
+        dist.destroy_process_group()
+
+
+def test_pseudo_weight_is_the_global_fraction_under_ddp() -> None:
+    """2 GPUs × batch 1 get the confident fraction of the whole batch of 2, as one GPU would."""
+    import torch.multiprocessing as mp
+    from conftest import run_two_ranks
+
+    out = mp.Manager().dict()
+    run_two_ranks(_q_worker, out)
+    assert out[0] == out[1] == pytest.approx((4 + 12) / 32)
