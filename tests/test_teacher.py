@@ -241,3 +241,25 @@ def test_pseudo_weight_is_the_global_fraction_under_ddp() -> None:
     out = mp.Manager().dict()
     run_two_ranks(_q_worker, out)
     assert out[0] == out[1] == pytest.approx((4 + 12) / 32)
+
+
+def test_self_training_off_forces_zero_pseudo_weight() -> None:
+    """`method.teacher.self_training=false`: the mixed loss gets no target pixels (ablation)."""
+    import dataclasses
+
+    from dida.adapt.daformer import DAFormer
+    from dida.config import MethodConfig
+    from dida.models import build_segmentor
+
+    student = build_segmentor("mit_tiny", num_classes=3, embed_dim=8, dilations=(1, 2))
+    with torch.no_grad():
+        student.head.conv_seg.bias.copy_(torch.tensor([30.0, 0.0, 0.0]))  # confident everywhere
+    cfg = MethodConfig(name="daformer")
+    cfg.teacher.ignore_top = cfg.teacher.ignore_bottom = 0
+    img = torch.randn(2, 3, 32, 32)
+    on = DAFormer(student, cfg, num_classes=3).pseudo_labels(img)
+    assert on.weight.amax() > 0.9
+    no_st = dataclasses.replace(cfg.teacher, self_training=False)
+    off_cfg = dataclasses.replace(cfg, teacher=no_st)
+    off = DAFormer(student, off_cfg, num_classes=3).pseudo_labels(img)
+    assert (off.weight == 0).all() and torch.equal(off.label, on.label)

@@ -126,6 +126,9 @@ class TeacherConfig:
     # normalises over the current batch, only parameters are averaged) | `running` (eval mode,
     # BN running statistics EMA'd with the parameters)
     bn: str = "batch"
+    # false: the pseudo-label weight is forced to 0 (an ablation: the mixed loss then learns only
+    # from the pasted source pixels, i.e. ClassMix + augmentation without self-training)
+    self_training: bool = True
 
 
 @dataclass

@@ -211,6 +211,8 @@ class DAFormer(SourceOnly):
         label, weight = pseudo_label_from_probs(
             probs, tcfg.pseudo_threshold, tcfg.ignore_top, tcfg.ignore_bottom
         )
+        if not tcfg.self_training:
+            weight = torch.zeros_like(weight)
         return TeacherOutput(logits=logits, embed=at_least_fp32(embed), probs=probs, label=label,
                              weight=weight)  # fmt: skip
 
