@@ -15,7 +15,7 @@ from conftest import free_port, tiny_overrides
 from dida.cli.main import main
 from dida.config import load_config
 from dida.engine.checkpoint import load_checkpoint
-from dida.engine.train import TrainingDiverged, train
+from dida.engine.train import TrainingDiverged, TrainingInterrupted, train
 from dida.experiments import find_experiment
 
 
@@ -40,16 +40,16 @@ def test_train_then_test_end_to_end(tiny_uda_root: Path, tmp_path: Path) -> None
     assert main(args) == 0
     cfg_file = run_dir / "gta2cs_dida_mitb5_s0.json"
     assert json.loads(cfg_file.read_text())["method"]["name"] == "dida"
-    assert {"latest.pth", "iter_2.pth", "iter_4.pth", "metrics.jsonl", "train.log"} <= {
+    assert {"latest.pth", "iter_2.pth", "iter_4.pth", "metrics.jsonl", "train.log", "best.pth"} == {
         p.name for p in run_dir.iterdir()
-    }
+    } - {"debug", cfg_file.name}  # the lock file is gone
     records = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
     assert [r["iter"] for r in records if r["kind"] == "train"] == [1, 2, 3, 4]
     val = [r for r in records if r["kind"] == "val"]
     assert len(val) == 1 and 0.0 <= val[0]["mIoU"] <= 1.0
     assert sorted(p.name for p in (run_dir / "debug").iterdir()) == [
-        "000001_0.png", "000001_1.png", "000003_0.png", "000003_1.png"
-    ]  # fmt: skip
+        "000000_0.png", "000000_1.png", "000002_0.png", "000002_1.png"
+    ]  # fmt: skip  (named by the iteration that drew them, 0-based)
     ckpt = load_checkpoint(run_dir / "latest.pth")
     assert ckpt["iteration"] == 4 and "bank" in ckpt["method"]
     assert main(["test", str(run_dir)]) == 0
@@ -76,7 +76,8 @@ def test_resume_is_exact(
     train(cfg, tmp_path / "full")
     with monkeypatch.context() as patch:
         _interrupt_at(patch, 2)  # Ctrl-C during iteration 2: checkpoint after 3 iterations
-        train(cfg, tmp_path / "part")
+        with pytest.raises(TrainingInterrupted, match="stopped at iteration 3/6"):
+            train(cfg, tmp_path / "part")
     assert load_checkpoint(tmp_path / "part" / "latest.pth")["iteration"] == 3
     train(cfg, tmp_path / "part", resume="auto")
     full = _states(load_checkpoint(tmp_path / "full" / "latest.pth"))
@@ -109,7 +110,8 @@ def test_interrupt_writes_checkpoint_and_exits(
     tiny_uda_root: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     _interrupt_at(monkeypatch, 1)
-    train(_cfg(tiny_uda_root, "daformer", 10, ["train.checkpoint_interval=100"]), tmp_path)
+    with pytest.raises(TrainingInterrupted, match=f"dida train --resume {tmp_path}"):
+        train(_cfg(tiny_uda_root, "daformer", 10, ["train.checkpoint_interval=100"]), tmp_path)
     assert load_checkpoint(tmp_path / "latest.pth")["iteration"] == 2
     assert not list(tmp_path.glob("iter_*.pth"))
 

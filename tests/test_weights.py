@@ -166,7 +166,12 @@ def test_missing_default_file_says_where_to_get_it(tmp_path: Path, monkeypatch) 
 
 def test_corrupt_file_is_one_line_error(tmp_path: Path) -> None:
     path = tmp_path / "broken.pth"
-    path.write_bytes(b"not a zip file at all")
+    path.write_bytes(b"not a zip file at all")  # e.g. a text file given as a checkpoint
+    with pytest.raises(CheckpointError, match="broken.pth: not a checkpoint") as err:
+        load_pretrained(tiny_mit(), path)
+    assert "\n" not in str(err.value)
+    torch.save(tiny_mit().state_dict(), path)
+    path.write_bytes(path.read_bytes()[:200])  # a truncated torch zip
     with pytest.raises(CheckpointError, match="broken.pth: cannot read weights") as err:
         load_pretrained(tiny_mit(), path)
     assert "\n" not in str(err.value)

@@ -9,11 +9,13 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import math
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from omegaconf import OmegaConf
+from omegaconf import DictConfig, ListConfig, OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
 from dida.data.labels import THING_CLASSES
@@ -272,7 +274,10 @@ class TrainConfig:
     device: str = "auto"
     log_interval: int = 50
     checkpoint_interval: int = 1600
-    keep_checkpoints: int = 50
+    # iter_<N>.pth files kept (latest.pth is a link to the newest); a MiT-B5 checkpoint is 1.36 GB
+    keep_checkpoints: int = 2
+    # keep best.pth, the checkpoint of the best val mIoU, when the periodic evaluation runs
+    save_best: bool = True
     eval_interval: int = 1600
     debug_interval: int = 1000
     tensorboard: bool = True
@@ -331,22 +336,33 @@ def load_config(
             data = OmegaConf.load(path)
         except Exception as err:  # yaml/json syntax errors
             raise ConfigError(f"{path}: cannot parse config: {str(err).splitlines()[0]}") from None
+        if not isinstance(data, DictConfig):
+            kind = "a list" if isinstance(data, ListConfig) else type(data).__name__
+            raise ConfigError(f"{path}: expected a mapping of config keys at the top, got {kind}")
         cfg = _merge(cfg, data, str(path))
-    return apply_overrides(cfg, overrides or [])
+        if path.resolve().parent == SHIPPED_CONFIG_DIR:
+            cfg = resolve_paths(cfg, project_root())
+    return apply_overrides(cfg, overrides or [], origin=str(path) if path else None)
 
 
-def apply_overrides(cfg: ExperimentConfig, overrides: list[str]) -> ExperimentConfig:
-    """Apply `key=value` overrides (dotted keys, YAML values) to a config."""
+def apply_overrides(
+    cfg: ExperimentConfig, overrides: list[str], origin: str | None = None
+) -> ExperimentConfig:
+    """Apply `key=value` overrides (dotted keys, YAML values) to a config, then `validate` it."""
     if not overrides:
-        return cfg
+        return validate(cfg, origin)
     for item in overrides:
         if "=" not in item:
             raise ConfigError(f"override '{item}': expected key=value")
+        try:
+            OmegaConf.from_dotlist([item])
+        except Exception as err:  # OmegaConf and YAML syntax errors
+            raise ConfigError(f"override '{item}': {str(err).splitlines()[0]}") from None
     try:
         dotlist = OmegaConf.from_dotlist(list(overrides))
-    except OmegaConfBaseException as err:
+    except Exception as err:  # OmegaConf and YAML syntax errors
         raise ConfigError(f"bad override: {str(err).splitlines()[0]}") from None
-    return _merge(cfg, dotlist, "--set")
+    return validate(_merge(cfg, dotlist, "--set"), origin)
 
 
 def config_to_dict(cfg: ExperimentConfig) -> dict[str, Any]:
@@ -354,15 +370,134 @@ def config_to_dict(cfg: ExperimentConfig) -> dict[str, Any]:
 
 
 def config_from_dict(data: dict[str, Any], origin: str = "config") -> ExperimentConfig:
-    return _merge(ExperimentConfig(), OmegaConf.create(data), origin)
+    return validate(_merge(ExperimentConfig(), OmegaConf.create(data), origin), origin)
 
 
 def save_config(cfg: ExperimentConfig, path: str | Path) -> None:
     """Write the resolved config as JSON (the run directory's `<name>.json`)."""
-    path = Path(path)
-    tmp = path.with_suffix(path.suffix + ".tmp")
-    tmp.write_text(json.dumps(config_to_dict(cfg), indent=2) + "\n")
-    tmp.replace(path)
+    from dida.io_safety import atomic_write
+
+    atomic_write(path, json.dumps(config_to_dict(cfg), indent=2) + "\n", what="config")
+
+
+# --- validation: every value checked at load, errors name the key --------------------------------
+# One rule per key: (dotted key, check, what is expected). A new field adds its line here.
+
+
+def _int(lo: int) -> tuple[Callable[[Any], bool], str]:
+    ok = lambda v: isinstance(v, int) and not isinstance(v, bool) and v >= lo
+    return ok, f"an integer >= {lo}"
+
+
+def _num(lo: float, hi: float = math.inf, lo_open: bool = False, hi_open: bool = False):  # noqa: ANN202
+    def ok(v: Any) -> bool:
+        if isinstance(v, bool) or not isinstance(v, (int, float)) or not math.isfinite(v):
+            return False
+        return (v > lo if lo_open else v >= lo) and (v < hi if hi_open else v <= hi)
+
+    left, right = "(" if lo_open else "[", ")" if hi_open or hi == math.inf else "]"
+    return ok, f"a number in {left}{lo:g}, {hi:g}{right}"
+
+
+def _pair(lo: int) -> tuple[Callable[[Any], bool], str]:
+    ok = lambda v: isinstance(v, list) and len(v) == 2 and all(_int(lo)[0](x) for x in v)
+    return ok, f"two integers >= {lo}, e.g. [512, 512]"
+
+
+def _ints(lo: int) -> tuple[Callable[[Any], bool], str]:
+    ok = lambda v: isinstance(v, list) and len(v) > 0 and all(_int(lo)[0](x) for x in v)
+    return ok, f"a non-empty list of integers >= {lo}"
+
+
+def _choice(*options: str) -> tuple[Callable[[Any], bool], str]:
+    return (lambda v: v in options), "one of " + ", ".join(options)
+
+
+def _variant() -> tuple[Callable[[Any], bool], str]:
+    from dida.models.mit import MIT_VARIANTS
+
+    return (lambda v: v in MIT_VARIANTS), "one of " + ", ".join(sorted(MIT_VARIANTS))
+
+
+_UNIT = (0.0, 1.0)
+_DATASET_RULES = [("kind", _choice("gta", "synthia", "cityscapes", "folder")), ("scale", _pair(1))]
+RULES: list[tuple[str, Callable[[], tuple[Callable[[Any], bool], str]]]] = [
+    ("model.variant", _variant),
+    ("model.num_classes", lambda: _int(1)),
+    ("model.embed_dim", lambda: _int(1)),
+    ("model.dilations", lambda: _ints(1)),
+    ("model.dropout", lambda: _num(0.0, 1.0, hi_open=True)),
+    ("model.drop_path_rate", lambda: _num(0.0, 1.0, hi_open=True)),
+    *[(f"data.{part}.{key}", lambda r=rule: r) for part in ("source", "target", "val")
+      for key, rule in _DATASET_RULES],
+    ("data.crop_size", lambda: _pair(1)),
+    ("data.cat_max_ratio", lambda: _num(0.0, 1.0, lo_open=True)),
+    ("data.flip_prob", lambda: _num(*_UNIT)),
+    ("data.batch_size", lambda: _int(1)),
+    ("data.num_workers", lambda: _int(0)),
+    ("data.rcs.temperature", lambda: _num(0.0, lo_open=True)),
+    ("data.rcs.min_pixels", lambda: _int(0)),
+    ("data.rcs.min_crop_ratio", lambda: _num(*_UNIT)),
+    ("method.teacher.alpha", lambda: _num(*_UNIT)),
+    ("method.teacher.pseudo_threshold", lambda: _num(*_UNIT)),
+    ("method.teacher.ignore_top", lambda: _int(0)),
+    ("method.teacher.ignore_bottom", lambda: _int(0)),
+    ("method.bank.size", lambda: _int(1)),
+    ("method.bank.update_interval", lambda: _int(1)),
+    ("method.bank.momentum", lambda: _num(*_UNIT)),
+    ("method.instance.weight", lambda: _num(0.0)),
+    ("method.instance.chunk_size", lambda: _int(1)),
+    ("optim.lr", lambda: _num(0.0, lo_open=True)),
+    ("optim.head_lr_mult", lambda: _num(0.0, lo_open=True)),
+    ("optim.weight_decay", lambda: _num(0.0)),
+    ("optim.betas", lambda: ((lambda v: len(v) == 2 and all(0 <= b < 1 for b in v)),
+                             "two numbers in [0, 1)")),
+    ("optim.warmup_iters", lambda: _int(0)),
+    ("optim.warmup_ratio", lambda: _num(*_UNIT)),
+    ("optim.power", lambda: _num(0.0)),
+    ("optim.min_lr", lambda: _num(0.0)),
+    ("train.max_iters", lambda: _int(1)),
+    ("train.seed", lambda: _int(0)),
+    ("train.precision", lambda: _choice("auto", "fp32", "bf16", "fp16")),
+    ("train.log_interval", lambda: _int(1)),
+    ("train.checkpoint_interval", lambda: _int(1)),
+    ("train.keep_checkpoints", lambda: _int(1)),
+    ("train.eval_interval", lambda: _int(0)),
+    ("train.debug_interval", lambda: _int(0)),
+    ("eval.mode", lambda: _choice("whole", "slide")),
+    ("eval.scale", lambda: _pair(1)),
+    ("eval.crop_size", lambda: _pair(1)),
+    ("eval.stride", lambda: _pair(1)),
+    ("eval.batch_size", lambda: _int(1)),
+    ("eval.num_workers", lambda: _int(0)),
+]  # fmt: skip
+
+
+def _get(cfg: Any, key: str) -> Any:
+    for part in key.split("."):
+        cfg = getattr(cfg, part)
+    return cfg
+
+
+def validate(cfg: ExperimentConfig, origin: str | None = None) -> ExperimentConfig:
+    """Check every value of `cfg` against `RULES`; a `ConfigError` names the key, value, range."""
+    where = f" (in {origin})" if origin else ""
+    for key, rule in RULES:
+        check, expected = rule()
+        value = _get(cfg, key)
+        try:
+            ok = check(value)
+        except TypeError:
+            ok = False
+        if not ok:
+            raise ConfigError(f"{key}={json.dumps(value)}: expected {expected}{where}")
+    for name, ids in cfg.eval.subsets.items():
+        if any(not 0 <= i < cfg.model.num_classes for i in ids):
+            raise ConfigError(
+                f"eval.subsets.{name}={ids}: class ids must lie in [0, model.num_classes="
+                f"{cfg.model.num_classes}){where}"
+            )
+    return validate_hrda_mic(cfg, origin)
 
 
 # --- HRDA / MIC / composition: choices and cross-field rules (HRDA_MIC.md §A7, §B4, §C) ----------

@@ -153,9 +153,11 @@ def make_panel(
         y, x = (i // ncols) * (height + title_h), (i % ncols) * width
         panel[y + title_h : y + title_h + height, x : x + width] = tile
         if titles is not None:
-            cv2.putText(
-                panel, str(titles[i]), (x + 4, y + title_h - 6), _FONT, scale, (255, 255, 255), 1
-            )
+            text = str(titles[i])
+            # shrink a caption that would not fit its tile (it was clipped by the next tile)
+            text_w = cv2.getTextSize(text, _FONT, scale, 1)[0][0]
+            fit = min(scale, scale * (width - 8) / max(text_w, 1))
+            cv2.putText(panel, text, (x + 4, y + title_h - 6), _FONT, fit, (255, 255, 255), 1)
     return panel
 
 

@@ -8,11 +8,12 @@ from __future__ import annotations
 
 import argparse
 import importlib
+import os
 import pkgutil
 import sys
 
 import dida
-from dida.errors import UserError
+from dida.errors import Interrupted, UserError, one_line
 
 
 def _subcommand_modules() -> list:
@@ -44,8 +45,47 @@ def build_parser() -> argparse.ArgumentParser:
             formatter_class=argparse.RawDescriptionHelpFormatter,
         )
         module.add_arguments(p)
+        _add_common_options(p)
         p.set_defaults(_run=module.run)
     return parser
+
+
+def _add_common_options(p: argparse.ArgumentParser) -> None:
+    """`--threads` everywhere; `--cfg-options` (mmseg's spelling) wherever `--set` exists."""
+    if "--set" in p._option_string_actions and "--cfg-options" not in p._option_string_actions:
+        p.add_argument(
+            "--cfg-options", dest="overrides", nargs="+", action="extend", metavar="KEY=VALUE",
+            help="same as --set, several KEY=VALUE at once (mmseg's spelling)",
+        )  # fmt: skip
+    if "--threads" not in p._option_string_actions:
+        p.add_argument(
+            "--threads", type=_positive_int, metavar="N",
+            help="CPU threads of PyTorch (default: OMP_NUM_THREADS if set, else PyTorch's own); "
+            "idle threads sleep instead of spinning (README: 'Speed on a shared CPU')",
+        )  # fmt: skip
+
+
+def _positive_int(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"'{text}' is not an integer") from None
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"{value}: expected 1 or more")
+    return value
+
+
+def configure_threads(threads: int | None) -> None:
+    """CPU thread settings that degrade gracefully when other processes share the CPU.
+
+    OpenMP threads sleep while they wait (`OMP_WAIT_POLICY=PASSIVE`, unless the variable is set)
+    instead of spinning against other programs; `threads` sets PyTorch's thread count.
+    """
+    os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")  # read when torch loads OpenMP
+    if threads is not None:
+        os.environ["OMP_NUM_THREADS"] = str(threads)  # also for processes started later
+        if "torch" in sys.modules:
+            sys.modules["torch"].set_num_threads(threads)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -54,11 +94,15 @@ def main(argv: list[str] | None = None) -> int:
     if not hasattr(args, "_run"):
         parser.print_help()
         return 1
+    configure_threads(getattr(args, "threads", None))
     try:
         return int(args._run(args) or 0)
     except UserError as err:
-        print(f"dida {args.command}: error: {err}", file=sys.stderr)
+        print(f"dida {args.command}: error: {one_line(err)}", file=sys.stderr)
         return 2
+    except Interrupted as err:
+        print(f"dida {args.command}: interrupted: {err}", file=sys.stderr)
+        return 130
     except KeyboardInterrupt:
         print(f"dida {args.command}: interrupted", file=sys.stderr)
         return 130

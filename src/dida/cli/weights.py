@@ -24,17 +24,21 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     inspect.add_argument("source", help="file, folder or Hugging Face id")
     convert = sub.add_parser("convert", help="write the weights with dida names")
     convert.add_argument("source", help="file, folder or Hugging Face id")
-    convert.add_argument("output", help="output .safetensors or .pth file")
+    convert.add_argument("output", help="output .safetensors or .pth file (a new file)")
+    convert.add_argument("--overwrite", action="store_true", help="replace an existing OUTPUT")
 
 
 def run(args: argparse.Namespace) -> int:
-    from pathlib import Path
-
     import torch
 
-    from dida.errors import UserError
+    from dida.io_safety import atomic_write, check_output
     from dida.models.weights import describe_weights, read_weights, to_segmentor_names
 
+    if args.action == "convert":  # refuse a bad output before reading anything
+        out = check_output(
+            args.output, inputs=[args.source], overwrite=args.overwrite,
+            suffixes=(".safetensors", ".pth", ".pt"), what="weights file",
+        )  # fmt: skip
     state, _ = read_weights(args.source)
     if args.action == "inspect":
         info = describe_weights(state)
@@ -42,17 +46,13 @@ def run(args: argparse.Namespace) -> int:
             print(f"{key:12} {value}")
         return 0
     converted, layout, ignored = to_segmentor_names(state)
-    out = Path(args.output)
-    if out.suffix not in (".safetensors", ".pth", ".pt"):
-        raise UserError(f"{out}: output must end in .safetensors or .pth")
-    out.parent.mkdir(parents=True, exist_ok=True)
     tensors = {k: v.contiguous() for k, v in converted.items()}
     if out.suffix == ".safetensors":
-        from safetensors.torch import save_file
+        from safetensors.torch import save
 
-        save_file(tensors, str(out))
+        atomic_write(out, save(tensors), what="weights file")
     else:
-        torch.save(tensors, out)
+        atomic_write(out, lambda f: torch.save(tensors, f), what="weights file")
     print(
         f"{args.source}: {layout} layout, {len(tensors)} tensors -> {out} "
         f"({len(ignored)} keys dropped)"

@@ -18,39 +18,29 @@ import numpy as np
 import torch
 
 from dida.errors import CheckpointError
+from dida.io_safety import atomic_output, atomic_write
 
 FORMAT = "dida"
 VERSION = 1
 
 
 def atomic_save(obj: Any, path: str | Path) -> None:
-    """torch.save to a temp file in the same folder, fsync, then rename over `path`."""
-    path = Path(path)
-    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
-    try:
-        with open(tmp, "wb") as f:
-            torch.save(obj, f)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    finally:
-        if tmp.exists():
-            tmp.unlink()
+    """torch.save to a temp file in the same folder, fsync, then rename over `path`.
+
+    Raises `WriteError` ("... cannot write checkpoint: no space left on device") on a failed
+    write; `path` is then unchanged.
+    """
+    atomic_write(path, lambda f: torch.save(obj, f), what="checkpoint")
 
 
 def atomic_link(src: str | Path, path: str | Path) -> None:
     """Make `path` a hard link to `src`, replacing it atomically (a copy where links fail)."""
-    path = Path(path)
-    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
-    tmp.unlink(missing_ok=True)
-    try:
+    with atomic_output(path, what="checkpoint") as tmp:
+        tmp.unlink(missing_ok=True)
         try:
             os.link(src, tmp)
         except OSError:  # file systems without hard links
             shutil.copyfile(src, tmp)
-        os.replace(tmp, path)
-    finally:
-        tmp.unlink(missing_ok=True)
 
 
 def load_checkpoint(
@@ -63,6 +53,9 @@ def load_checkpoint(
     path = Path(path)
     if not path.is_file():
         raise CheckpointError(f"{path}: checkpoint not found")
+    from dida.models.weights import check_weights_file
+
+    check_weights_file(path)
     try:
         ckpt = torch.load(path, map_location=map_location, weights_only=True, mmap=mmap)
     except Exception as err:

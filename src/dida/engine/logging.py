@@ -6,6 +6,7 @@ import json
 import logging
 import math
 import sys
+import time
 from pathlib import Path
 from typing import Any
 
@@ -13,10 +14,22 @@ LOGGER_NAME = "dida"
 
 
 class _StderrHandler(logging.StreamHandler):
-    """Writes to whatever `sys.stderr` is at the time of each record (tools and tests swap it)."""
+    """Writes to whatever `sys.stderr` is at the time of each record (tools and tests swap it),
+    above a progress bar when one is shown."""
 
     def __init__(self) -> None:
         super().__init__(sys.stderr)
+
+    def emit(self, record: logging.LogRecord) -> None:
+        if not TrainProgress.active:
+            super().emit(record)
+            return
+        from tqdm import tqdm
+
+        try:
+            tqdm.write(self.format(record), file=sys.stderr)
+        except Exception:  # noqa: BLE001  (as logging.Handler.emit)
+            self.handleError(record)
 
     @property
     def stream(self):  # noqa: ANN201
@@ -99,3 +112,52 @@ def teardown_logging() -> None:
         handler.close()
     logger.setLevel(logging.NOTSET)
     logger.propagate = True
+
+
+PLAIN_PROGRESS_SECONDS = 30.0
+
+
+class TrainProgress:
+    """Iteration progress on stderr: a tqdm bar on a terminal, else a plain line every
+    `PLAIN_PROGRESS_SECONDS` (so that a log file or CI shows that a slow run is alive)."""
+
+    active = False  # a bar is on screen: log records go through tqdm.write
+
+    def __init__(
+        self, total: int, initial: int = 0, enabled: bool = True, desc: str = "train"
+    ) -> None:
+        self.total, self.done, self.desc = total, initial, desc
+        self.enabled = enabled and total > initial
+        self._bar = None
+        self._start = self._last = time.perf_counter()
+        self._initial = initial
+        if self.enabled and sys.stderr.isatty():
+            from tqdm import tqdm
+
+            self._bar = tqdm(total=total, initial=initial, desc=desc, unit="it",
+                             dynamic_ncols=True, leave=False, file=sys.stderr)  # fmt: skip
+            TrainProgress.active = True
+
+    def update(self, done: int) -> None:
+        if not self.enabled:
+            return
+        step, self.done = done - self.done, done
+        if self._bar is not None:
+            self._bar.update(step)
+            return
+        now = time.perf_counter()
+        if now - self._last >= PLAIN_PROGRESS_SECONDS and done < self.total:
+            self._last = now
+            rate = (done - self._initial) / max(now - self._start, 1e-9)
+            eta = format_duration((self.total - done) / max(rate, 1e-9))
+            pct = 100 * done / self.total
+            sys.stderr.write(
+                f"{self.desc} {done}/{self.total} ({pct:.0f}%) {rate:.2f} it/s eta {eta}\n"
+            )
+            sys.stderr.flush()
+
+    def close(self) -> None:
+        if self._bar is not None:
+            self._bar.close()
+            self._bar = None
+            TrainProgress.active = False

@@ -9,6 +9,7 @@ from __future__ import annotations
 import contextlib
 import logging
 import math
+import os
 import signal
 import time
 from collections.abc import Callable, Iterator
@@ -17,7 +18,7 @@ from pathlib import Path
 import torch
 from torch.utils.data import DataLoader, Sampler
 
-from dida.config import ExperimentConfig, config_to_dict, save_config
+from dida.config import ExperimentConfig, config_to_dict, resolve_paths, save_config
 from dida.engine import checkpoint as ckpt_io
 from dida.engine.build import build_method, check_inputs
 from dida.engine.distributed import (
@@ -27,15 +28,26 @@ from dida.engine.distributed import (
     cleanup,
     init_distributed,
 )
-from dida.engine.logging import MetricWriter, format_duration, setup_logging, teardown_logging
+from dida.engine.logging import (
+    MetricWriter,
+    TrainProgress,
+    format_duration,
+    setup_logging,
+    teardown_logging,
+)
 from dida.engine.optim import build_optimizer, set_lr
-from dida.errors import UserError
+from dida.engine.run_dir import claim_run_dir
+from dida.errors import Interrupted, UserError
 
 log = logging.getLogger("dida.train")
 
 
 class TrainingDiverged(UserError):
     """A loss became NaN or infinite; the last good checkpoint is kept."""
+
+
+class TrainingInterrupted(Interrupted):
+    """Ctrl-C stopped the training after writing `latest.pth`; the message says how to resume."""
 
 
 class StreamSampler(Sampler[int]):
@@ -84,6 +96,7 @@ class _StopRequest:
     def __init__(self) -> None:
         self.requested = False
         self._previous = None
+        self._pid = os.getpid()
 
     def __enter__(self) -> _StopRequest:
         with contextlib.suppress(ValueError):  # not in the main thread
@@ -91,6 +104,8 @@ class _StopRequest:
         return self
 
     def _handle(self, signum, frame) -> None:  # noqa: ANN001
+        if os.getpid() != self._pid:  # a data-loader worker forked from the trainer: the
+            return  # trainer alone decides (and warns once)
         if self.requested:
             raise KeyboardInterrupt
         self.requested = True
@@ -103,15 +118,16 @@ class _StopRequest:
             signal.signal(signal.SIGINT, self._previous)
 
 
-def _save(run_dir: Path, state: dict, iteration: int, keep: int, periodic: bool) -> None:
+def _save(run_dir: Path, state: dict, iteration: int, keep: int, periodic: bool) -> Path:
     """Write `iter_<N>.pth` (periodic) and point `latest.pth` at it; serialised once."""
     if not periodic:
         ckpt_io.atomic_save(state, run_dir / "latest.pth")
-        return
+        return run_dir / "latest.pth"
     path = run_dir / f"iter_{iteration}.pth"
     ckpt_io.atomic_save(state, path)
     ckpt_io.atomic_link(path, run_dir / "latest.pth")
     ckpt_io.prune_checkpoints(run_dir, keep)
+    return path
 
 
 def train(
@@ -123,14 +139,22 @@ def train(
     """Train `cfg` into `run_dir`; returns the last evaluation's numbers (empty if none ran).
 
     `on_finish(method)` runs on every rank before the process group closes (tests use it).
+
+    Raises:
+        RunDirError: `run_dir` holds a run and `resume` is None, or another process trains in it.
+        TrainingInterrupted: Ctrl-C stopped the run after `latest.pth` was written.
     """
+    locks: list = []
     try:
-        return _train(cfg, run_dir, resume, on_finish)
+        return _train(cfg, run_dir, resume, on_finish, locks)
     finally:
+        for lock in locks:
+            lock.release()
         teardown_logging()
 
 
-def _train(cfg, run_dir, resume, on_finish) -> dict:  # noqa: ANN001
+def _train(cfg, run_dir, resume, on_finish, locks) -> dict:  # noqa: ANN001
+    cfg = resolve_paths(cfg, Path.cwd())  # the run's config and checkpoints hold absolute paths
     tcfg = cfg.train
     dist_info = init_distributed(resolve_device(tcfg.device).type)
     device = resolve_device(tcfg.device, dist_info)
@@ -139,7 +163,7 @@ def _train(cfg, run_dir, resume, on_finish) -> dict:  # noqa: ANN001
     check_inputs(cfg)  # user mistakes surface before anything is written
     train_set, val_set = _build_data(cfg)
     if dist_info.is_main:
-        run_dir.mkdir(parents=True, exist_ok=True)
+        locks.append(claim_run_dir(run_dir, resume))  # one writer; no restart over a run
         save_config(cfg, run_dir / f"{cfg.name}.json")
     barrier()
     setup_logging(run_dir / "train.log", dist_info.is_main)
@@ -157,7 +181,7 @@ def _train(cfg, run_dir, resume, on_finish) -> dict:  # noqa: ANN001
         method.set_student_forward(torch.compile(student))
     optimizer = build_optimizer(student, cfg.optim)
     scaler = torch.amp.GradScaler(device.type, enabled=dtype == torch.float16)
-    start = _maybe_resume(resume, run_dir, method, optimizer, scaler, device)
+    start, best = _maybe_resume(resume, run_dir, method, optimizer, scaler, device)
     writer = MetricWriter(run_dir, tcfg.tensorboard, enabled=dist_info.is_main)
     log.info(
         "training %s (%s) on %s, %s, %d process(es), iterations %d -> %d, run dir %s",
@@ -171,9 +195,11 @@ def _train(cfg, run_dir, resume, on_finish) -> dict:  # noqa: ANN001
         scaler.scale(loss).backward()
 
     def state(iteration: int) -> dict:
-        return _checkpoint_state(cfg, iteration, method, optimizer, scaler)
+        return {**_checkpoint_state(cfg, iteration, method, optimizer, scaler), "best": best}
 
     t_start, t_window, n_window = time.perf_counter(), time.perf_counter(), 0
+    progress = TrainProgress(tcfg.max_iters, start, enabled=dist_info.is_main)
+    stopped_at = None
     with _StopRequest() as stop:
         for iteration, batch in zip(range(start, tcfg.max_iters), loader, strict=False):
             batch = {k: v.to(device, non_blocking=True) for k, v in batch.items()}
@@ -188,6 +214,7 @@ def _train(cfg, run_dir, resume, on_finish) -> dict:  # noqa: ANN001
             scaler.update()
             done = iteration + 1
             n_window += 1
+            progress.update(done)
             # BN statistics of rank 0 everywhere, before the teacher, evaluation or a checkpoint
             # reads them (a no-op without DDP)
             broadcast_buffers_(student)
@@ -207,23 +234,37 @@ def _train(cfg, run_dir, resume, on_finish) -> dict:  # noqa: ANN001
                 writer.write(done, "train", {"lr": lr, "it_per_s": speed, **step.losses})
                 t_window, n_window = time.perf_counter(), 0
             if dist_info.is_main and step.images:
-                _write_debug(run_dir, done, step.images)
+                _write_debug(run_dir, iteration, step.images)
             is_last = done == tcfg.max_iters
-            if dist_info.is_main and (is_last or done % tcfg.checkpoint_interval == 0):
-                _save(run_dir, state(done), done, tcfg.keep_checkpoints, periodic=True)
+            new_best = False
+            # evaluation before the checkpoint, so that the checkpoint knows the best so far
             if tcfg.eval_interval > 0 and (is_last or done % tcfg.eval_interval == 0):
                 result = _evaluate(cfg, method, val_set, device, done, writer, dist_info)
+                miou = result.get("mIoU")
+                if miou is not None and math.isfinite(miou) and miou > best.get("mIoU", -1.0):
+                    best, new_best = {"mIoU": float(miou), "iteration": done}, tcfg.save_best
+            saved = None
+            if dist_info.is_main and (is_last or done % tcfg.checkpoint_interval == 0):
+                saved = _save(run_dir, state(done), done, tcfg.keep_checkpoints, periodic=True)
+            if stop.requested and dist_info.is_main and saved is None:
+                saved = _save(run_dir, state(done), done, tcfg.keep_checkpoints, periodic=False)
+            if new_best and dist_info.is_main:
+                _save_best(run_dir, saved, state(done) if saved is None else None, best)
             if stop.requested:
-                if dist_info.is_main:
-                    _save(run_dir, state(done), done, tcfg.keep_checkpoints, periodic=False)
-                log.warning("stopped at iteration %d; resume with --resume %s", done, run_dir)
+                stopped_at = done
                 break
+    progress.close()
     log.info("finished in %s", format_duration(time.perf_counter() - t_start))
     writer.close()
     if on_finish is not None:
         on_finish(method)
     barrier()
     cleanup()
+    if stopped_at is not None and stopped_at < tcfg.max_iters:
+        raise TrainingInterrupted(
+            f"stopped at iteration {stopped_at}/{tcfg.max_iters}, checkpoint {run_dir}/latest.pth "
+            f"written; continue with: dida train --resume {run_dir}"
+        )
     return result
 
 
@@ -270,13 +311,14 @@ def _train_loader(cfg: ExperimentConfig, dataset, start: int, dist_info: DistInf
     )  # fmt: skip
 
 
-def _maybe_resume(resume, run_dir, method, optimizer, scaler, device) -> int:  # noqa: ANN001
+def _maybe_resume(resume, run_dir, method, optimizer, scaler, device) -> tuple[int, dict]:  # noqa: ANN001
+    """(first iteration, best evaluation so far) of a resumed run; (0, {}) for a new one."""
     if resume is None:
-        return 0
+        return 0, {}
     path = ckpt_io.find_latest(run_dir) if resume == "auto" else Path(resume)
     if path is None:
         log.info("--resume auto: no checkpoint in %s, starting from scratch", run_dir)
-        return 0
+        return 0, {}
     ckpt = ckpt_io.load_checkpoint(path, map_location=device)
     method.load_training_state(ckpt)
     optimizer.load_state_dict(ckpt["optimizer"])
@@ -284,7 +326,7 @@ def _maybe_resume(resume, run_dir, method, optimizer, scaler, device) -> int:  #
         scaler.load_state_dict(ckpt["scaler"])
     ckpt_io.set_rng_state(ckpt["rng"], method.generator)
     log.info("resumed from %s at iteration %d", path, ckpt["iteration"])
-    return int(ckpt["iteration"])
+    return int(ckpt["iteration"]), dict(ckpt.get("best") or {})
 
 
 def _checkpoint_state(cfg, iteration, method, optimizer, scaler) -> dict:  # noqa: ANN001

@@ -202,7 +202,24 @@ def _is_hub_id(source: str | Path) -> bool:
     )
 
 
+def check_weights_file(path: Path) -> None:
+    """Raise `CheckpointError` "not a checkpoint" for a file that is neither a PyTorch file (zip
+    or legacy pickle) nor safetensors, before a loader reports it in its own terms."""
+    try:
+        with open(path, "rb") as f:
+            head = f.read(16)
+    except OSError as err:
+        raise CheckpointError(f"{path}: cannot read ({_reason(err)})") from None
+    is_torch = head.startswith(b"PK\x03\x04") or head[:1] == b"\x80"
+    is_safetensors = len(head) > 8 and head[8:9] == b"{"
+    if not (is_torch or is_safetensors):
+        raise CheckpointError(
+            f"{path}: not a checkpoint (expected a PyTorch .pth/.pt file or .safetensors)"
+        )
+
+
 def _read_file(path: Path) -> Any:
+    check_weights_file(path)
     try:
         if path.suffix == ".safetensors":
             from safetensors.torch import load_file
