@@ -372,7 +372,7 @@ def build_scale_attention(
 
 def hrda_segmentor_from_config(model_cfg: ModelConfig) -> HRDASegmentor:
     """The `HRDASegmentor` of `model_cfg` (`model_cfg.hrda`), randomly initialised."""
-    from dida.config import parse_attention
+    from dida.config import ConfigError, parse_attention
 
     hrda = model_cfg.hrda
     base = build_segmentor(
@@ -381,7 +381,10 @@ def hrda_segmentor_from_config(model_cfg: ModelConfig) -> HRDASegmentor:
         dropout=model_cfg.dropout, drop_path_rate=model_cfg.drop_path_rate,
         checkpoint_encoder=model_cfg.checkpoint_encoder,
     )  # fmt: skip
-    fixed = parse_attention(hrda.attention)
+    try:
+        fixed = parse_attention(hrda.attention)
+    except ValueError as err:
+        raise ConfigError(f"model.hrda.{err}") from None
     attention = None
     if fixed is None:
         attention = build_scale_attention(
