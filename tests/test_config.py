@@ -75,6 +75,18 @@ def test_missing_dataset_is_reported_before_any_work(
     assert not (tmp_path / "run").exists()
 
 
+def test_random_bank_with_the_reference_normaliser_is_refused(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.chdir(tmp_path)
+    args = ["train", "--exp", "7", "--set", "model.pretrained=null", "--work-dir", "run",
+            "--set", "method.bank.init=random"]  # fmt: skip
+    assert main(args) == 2
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and "safe_normaliser" in err
+    assert not (tmp_path / "run").exists()
+
+
 def test_experiments_listing(capsys: pytest.CaptureFixture[str]) -> None:
     assert {e.exp for e in list_experiments()} >= {"7", "8", "7-daformer", "8-daformer"}
     assert find_experiment("7").config.method.name == "dida"

@@ -35,6 +35,13 @@ def check_inputs(cfg: ExperimentConfig) -> None:
     bank = cfg.method.bank
     if bank.init not in ("online", "random", "file"):
         raise UserError(f"method.bank.init: '{bank.init}' is not one of online, random, file")
+    safe = cfg.method.instance.safe_normaliser
+    if cfg.method.name == "dida" and bank.init == "random" and not safe:
+        raise UserError(
+            "method.bank.init=random gives signed similarities, which the reference normaliser "
+            "(method.instance.safe_normaliser=false) turns into log(negative) = NaN; use "
+            "bank.init=online or file, or set method.instance.safe_normaliser=true"
+        )
     if cfg.method.name == "dida" and bank.init == "file":
         from dida.engine.bank_io import resolve_bank_path
 
