@@ -116,18 +116,27 @@ def test_predict_folder_tree_odd_images_corrupt_file_and_video(
     assert _read(labels[3]).shape == (48, 80)
 
 
-def test_predict_labels_equal_dida_test_predictions(run_dir: Path, tmp_path: Path) -> None:
+@pytest.mark.parametrize("mode", ["whole", "slide"])
+def test_predict_labels_equal_dida_test_predictions(
+    run_dir: Path, tmp_path: Path, mode: str
+) -> None:
     # the run's val images, through `dida test --format-only` and through `dida predict`
     tested = tmp_path / "test_labelIds"
-    assert (
-        main(["test", str(run_dir), "--format-only", "--out-dir", str(tested), "--no-progress"])
-        == 0
-    )
+    windows = [
+        "--inference",
+        mode,
+        "--set",
+        "eval.crop_size=[48,48]",
+        "--set",
+        "eval.stride=[32,32]",
+    ]
+    argv = ["test", str(run_dir), "--format-only", "--out-dir", str(tested), *windows]
+    assert main([*argv, "--no-progress"]) == 0
     val = Path(json.loads((run_dir / "tiny.json").read_text())["data"]["val"]["root"])
     images = val / "leftImg8bit" / "val"
     predicted = tmp_path / "predict_labelIds"
     argv = ["predict", str(run_dir), str(images), "-o", str(predicted), "--save", "label"]
-    assert main([*argv, "--label-ids", "--workers", "0", "--no-progress"]) == 0
+    assert main([*argv, *windows, "--label-ids", "--workers", "0", "--no-progress"]) == 0
     expected = sorted(p.relative_to(tested) for p in tested.rglob("*.png"))
     assert len(expected) == 3
     assert sorted(p.relative_to(predicted) for p in predicted.rglob("*.png")) == expected
