@@ -21,7 +21,7 @@ from dida.eval.inference import resize
 from dida.models import segmentor_from_config
 from dida.models.hrda import (
     HRDASegmentor,
-    build_scale_attention,
+    build_attention_head,
     fuse_scales,
     paste_windows,
     sample_detail_box,
@@ -53,8 +53,8 @@ def test_parameter_counts_of_the_published_model(meta_b5: HRDASegmentor) -> None
     model = meta_b5
     with torch.device("meta"):
         dims = model.encoder.embed_dims
-        classwise = build_scale_attention(dims, 19, classwise=True)
-        single = build_scale_attention(dims, 19, classwise=False)
+        classwise = build_attention_head(dims, 19, classwise=True)
+        single = build_attention_head(dims, 19, classwise=False)
         fixed = segmentor_from_config(
             load_config(None, ["model.hrda.enabled=true", "model.hrda.attention=fixed:0.5"]).model
         )
@@ -62,9 +62,9 @@ def test_parameter_counts_of_the_published_model(meta_b5: HRDASegmentor) -> None
     assert count(classwise) == 530_707 and count(single) == 526_081
     assert count(model) == 85_685_990  # one encoder and one head for both branches
     assert count(model.head) == 3_712_275
-    assert fixed.scale_attention is None and count(fixed) == 85_685_990 - 530_707
+    assert fixed.attention_head is None and count(fixed) == 85_685_990 - 530_707
     keys = model.state_dict().keys()
-    assert {k.split(".")[0] for k in keys} == {"encoder", "head", "scale_attention"}
+    assert {k.split(".")[0] for k in keys} == {"encoder", "head", "attention_head"}
 
 
 def test_published_shapes_on_meta_tensors(meta_b5: HRDASegmentor) -> None:
@@ -83,6 +83,17 @@ def test_published_shapes_on_meta_tensors(meta_b5: HRDASegmentor) -> None:
     assert head_batches == [2, 18]
     assert teacher.fused.shape == teacher.hr.shape == (2, 19, 256, 256)
     assert teacher.embed_hr.shape == (2, 256, 256, 256) and teacher.box is None
+
+
+def test_attention_head_gets_the_head_learning_rate() -> None:
+    from dida.config import OptimConfig
+    from dida.engine.optim import param_groups
+
+    model = tiny_hrda()
+    groups = param_groups(model, OptimConfig(lr=1.0, head_lr_mult=10.0))
+    ten = {id(p) for g in groups if g["lr"] == 10.0 for p in g["params"]}
+    heads = list(model.head.parameters()) + list(model.attention_head.parameters())
+    assert ten == {id(p) for p in heads}  # as decode_head.* in the reference (BN included)
 
 
 def test_attention_starts_near_one_half() -> None:
@@ -237,7 +248,7 @@ def test_training_forward_has_gradients_for_all_three_parts() -> None:
     model = tiny_hrda().train()
     out = model(torch.randn(2, 3, 64, 64), detail_box=(0, 32, 32, 64))
     out.fused.sum().backward()
-    for part in (model.encoder, model.head, model.scale_attention):
+    for part in (model.encoder, model.head, model.attention_head):
         grads = [p.grad for p in part.parameters() if p.requires_grad]
         assert all(g is not None for g in grads) and any(g.abs().sum() > 0 for g in grads)
 
@@ -322,7 +333,7 @@ def test_hrda_loss_is_fused_on_full_label_plus_detail_on_the_box() -> None:
         terms["loss_seg"], 0.5 * pixel_weighted_ce(resize(out.fused, (64, 64)), label)
     )
     sum(terms.values()).backward()
-    assert model.scale_attention.conv_seg.weight.grad is not None
+    assert model.attention_head.conv_seg.weight.grad is not None
 
 
 def test_checkpoint_encoder_gives_identical_outputs_and_gradients() -> None:
@@ -380,7 +391,7 @@ def _released_state(model: HRDASegmentor) -> dict[str, torch.Tensor]:
     for key, value in model.state_dict().items():
         part, rest = key.split(".", 1)
         name = {"encoder": "backbone.", "head": "decode_head.head.",
-                "scale_attention": "decode_head.scale_attention."}[part] + rest  # fmt: skip
+                "attention_head": "decode_head.scale_attention."}[part] + rest  # fmt: skip
         state[f"model.{name}"] = value
         state[f"ema_model.{name}"] = torch.zeros_like(value)
         if part == "encoder":
@@ -431,7 +442,14 @@ def test_dida_test_evaluates_a_released_hrda_checkpoint(
     assert results["mIoU"] == pytest.approx(expected["mIoU"])
     capsys.readouterr()
     # the same checkpoint with a non-HRDA config is refused in one line
-    assert main([*args, "--set", "model.hrda.enabled=false", "--no-progress"]) == 2
+    refused = [
+        "test",
+        str(hrda_run["config"]),
+        str(hrda_run["ckpt"]),
+        "--out",
+        str(tmp_path / "refused.json"),
+    ]
+    assert main([*refused, "--set", "model.hrda.enabled=false", "--no-progress"]) == 2
     assert "model.hrda.enabled=true" in capsys.readouterr().err
     # inspect names the HRDA layout
     assert main(["weights", "inspect", str(hrda_run["ckpt"])]) == 0

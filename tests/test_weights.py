@@ -221,18 +221,18 @@ def test_cli_convert_then_load(tmp_path: Path, capsys) -> None:
 
 
 def test_released_hrda_checkpoint_key_mapping() -> None:
-    """HRDA/MIC(HRDA) mmseg layout: the HRDAHead holds `head.*` and `scale_attention.*`."""
-    from dida.models.hrda import HRDASegmentor, build_scale_attention
+    """HRDA/MIC(HRDA) mmseg layout: the HRDAHead holds `head.*` and `attention_head.*`."""
+    from dida.models.hrda import HRDASegmentor, build_attention_head
     from dida.models.weights import describe_weights
 
     seg = tiny_segmentor(1)
-    model = HRDASegmentor(seg.encoder, seg.head, build_scale_attention([8, 16, 32, 64], 4,
+    model = HRDASegmentor(seg.encoder, seg.head, build_attention_head([8, 16, 32, 64], 4,
                                                                        embed_dim=8))  # fmt: skip
     state = {}
     for k, v in model.state_dict().items():
         part, rest = k.split(".", 1)
         prefix = {"encoder": "backbone.", "head": "decode_head.head.",
-                  "scale_attention": "decode_head.scale_attention."}[part]  # fmt: skip
+                  "attention_head": "decode_head.scale_attention."}[part]  # fmt: skip
         state[f"model.{prefix}{rest}"] = v
         state[f"ema_model.{prefix}{rest}"] = v
     assert "model.decode_head.scale_attention.fuse_layer.conv.weight" in state
@@ -245,7 +245,7 @@ def test_released_hrda_checkpoint_key_mapping() -> None:
     assert info["layout"] == "mmseg" and info["hrda"] == "classwise attention"
     assert info["num_classes"] == 4 and info["tensors"] == len(converted)
     target = HRDASegmentor(tiny_mit(7), DAFormerHead([8, 16, 32, 64], 4, embed_dim=16),
-                           build_scale_attention([8, 16, 32, 64], 4, embed_dim=8))  # fmt: skip
+                           build_attention_head([8, 16, 32, 64], 4, embed_dim=8))  # fmt: skip
     report = load_state(target, state)
     assert report.missing == [] and report.unexpected == []
     for k, v in model.state_dict().items():

@@ -74,7 +74,7 @@ def load_segmentor(
     model = _build_uninitialised(model_cfg)
     report = load_pretrained(model, checkpoint)
     hrda = model_cfg.hrda.enabled
-    if not hrda and any(k.startswith("scale_attention.") for k in report.unexpected):
+    if not hrda and any(k.startswith("attention_head.") for k in report.unexpected):
         raise CheckpointError(
             f"{checkpoint}: an HRDA checkpoint (scale-attention head); evaluate it with "
             "model.hrda.enabled=true"

@@ -5,7 +5,8 @@ One MiT encoder and one DAFormer head (shared weights) decode a context view (th
 input without a box); a light scale-attention head on the context features weighs the two:
 `fused = a·hr + (1 - a)·lr` inside the box, the context prediction outside. Every size derives from
 the tensors: the output stride is input size / logit size, the fused grid that of the detail logits.
-State-dict keys: the `Segmentor`'s `encoder.*` and `head.*`, plus `scale_attention.*`.
+State-dict keys: the `Segmentor`'s `encoder.*` and `head.*`, plus `attention_head.*` (a "head"
+for the optimizer's ×10 learning rate, as `decode_head.scale_attention.*` in the reference).
 """
 
 from __future__ import annotations
@@ -208,7 +209,7 @@ class HRDASegmentor(Segmentor):
 
     Args:
         encoder, head: the shared MiT encoder and DAFormer head.
-        scale_attention: the attention head (a conv-fusion DAFormer head with C or 1 outputs), or
+        attention_head: the attention head (a conv-fusion DAFormer head with C or 1 outputs), or
             None with `fixed_attention`.
         lr_scale: context view scale.
         detail_crop: detail box / sliding window (h, w) in input pixels.
@@ -225,7 +226,7 @@ class HRDASegmentor(Segmentor):
         self,
         encoder: MiT,
         head: DAFormerHead,
-        scale_attention: DAFormerHead | None,
+        attention_head: DAFormerHead | None,
         *,
         lr_scale: float = 0.5,
         detail_crop: Sequence[int] = (512, 512),
@@ -238,9 +239,9 @@ class HRDASegmentor(Segmentor):
         faithful_fusion: bool = True,
     ) -> None:
         super().__init__(encoder, head)
-        if (scale_attention is None) == (fixed_attention is None):
-            raise ValueError("give exactly one of scale_attention and fixed_attention")
-        self.scale_attention = scale_attention
+        if (attention_head is None) == (fixed_attention is None):
+            raise ValueError("give exactly one of attention_head and fixed_attention")
+        self.attention_head = attention_head
         self.fixed_attention = fixed_attention
         self.lr_scale = lr_scale
         self.detail_crop = (int(detail_crop[0]), int(detail_crop[1]))
@@ -310,9 +311,9 @@ class HRDASegmentor(Segmentor):
         return [f[:n] for f in feats], [f[n:] for f in feats]
 
     def _attention(self, feats_lr: list[torch.Tensor]) -> torch.Tensor | float:
-        if self.scale_attention is None:
+        if self.attention_head is None:
             return self.fixed_attention
-        return torch.sigmoid(self.scale_attention(feats_lr)[0])
+        return torch.sigmoid(self.attention_head(feats_lr)[0])
 
     def _forward_box(self, img: torch.Tensor, box: Box, return_features: bool) -> HRDAOutput:
         size = tuple(img.shape[-2:])
@@ -358,7 +359,7 @@ class HRDASegmentor(Segmentor):
         )  # fmt: skip
 
 
-def build_scale_attention(
+def build_attention_head(
     in_channels: Sequence[int], num_classes: int, classwise: bool = True, embed_dim: int = 256,
     dropout: float = 0.1,
 ) -> DAFormerHead:  # fmt: skip
@@ -387,7 +388,7 @@ def hrda_segmentor_from_config(model_cfg: ModelConfig) -> HRDASegmentor:
         raise ConfigError(f"model.hrda.{err}") from None
     attention = None
     if fixed is None:
-        attention = build_scale_attention(
+        attention = build_attention_head(
             base.encoder.embed_dims, model_cfg.num_classes, hrda.attention == "classwise",
             hrda.attention_embed_dim, model_cfg.dropout,
         )  # fmt: skip

@@ -170,7 +170,7 @@ def convert_mmseg_checkpoint(state_dict: StateDict) -> StateDict:
 
     `model.backbone.*` -> `encoder.*`, `model.decode_head.*` -> `head.*`; HRDA's (and MIC(HRDA)'s)
     `HRDAHead` holds the shared head and the scale attention: `model.decode_head.head.*` ->
-    `head.*`, `model.decode_head.scale_attention.*` -> `scale_attention.*`. `ema_model.*` and
+    `head.*`, `model.decode_head.scale_attention.*` -> `attention_head.*`. `ema_model.*` and
     `imnet_model.*` are dropped and a leading `module.` is stripped.
     """
     out: StateDict = {}
@@ -181,7 +181,7 @@ def convert_mmseg_checkpoint(state_dict: StateDict) -> StateDict:
         elif name.startswith("decode_head."):
             name = name.removeprefix("decode_head.")
             if name.startswith("scale_attention."):
-                out[name] = value
+                out["attention_head." + name.removeprefix("scale_attention.")] = value
             else:
                 out["head." + name.removeprefix("head.")] = value
     return out
@@ -392,7 +392,7 @@ def describe_weights(state_dict: StateDict) -> dict[str, Any]:
     state, layout, ignored = to_segmentor_names(state_dict)
     shape = _mit_shape(state)
     classifier = state.get("head.conv_seg.weight")
-    attention = state.get("scale_attention.conv_seg.weight")
+    attention = state.get("attention_head.conv_seg.weight")
     if attention is None:
         hrda = None
     else:
