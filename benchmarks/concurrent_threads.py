@@ -21,6 +21,7 @@ from pathlib import Path
 
 
 def _run_jobs(args: argparse.Namespace, threads: int, policy: str, work: Path) -> list[float]:
+    work = Path(tempfile.mkdtemp(dir=work))  # a fresh folder per measurement
     env = dict(os.environ)
     env["OMP_NUM_THREADS"] = str(threads)
     env.pop("OMP_WAIT_POLICY", None)  # "default": the OpenMP runtime's own (spin, then sleep)

@@ -220,7 +220,7 @@ def test_plain_progress_lines_when_not_a_terminal(
     from dida.engine import logging as dlog
 
     monkeypatch.setattr(dlog, "PLAIN_PROGRESS_SECONDS", 0.0)
-    progress = dlog.TrainProgress(10, 2)
+    progress = dlog.Progress(10, 2)
     time.sleep(0.01)
     progress.update(5)
     progress.close()

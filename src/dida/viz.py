@@ -167,8 +167,15 @@ def write_rgb(path: str | Path, image: np.ndarray) -> None:
     Shapes:
         image: [H, W, 3] uint8 RGB or [H, W] uint8.
     """
+    from dida.io_safety import atomic_write
+
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
     out = cv2.cvtColor(image, cv2.COLOR_RGB2BGR) if image.ndim == 3 else image
-    if not cv2.imwrite(str(path), out):
-        raise DataError(f"{path}: cannot write image")
+    try:
+        ok, data = cv2.imencode(path.suffix or ".png", out)
+    except cv2.error:
+        ok = False
+    if not ok:
+        raise DataError(f"{path}: cannot encode image as {path.suffix or '.png'}")
+    # through a temp file: a full disk or read-only folder is a one-line WriteError
+    atomic_write(path, data.tobytes(), what="image")

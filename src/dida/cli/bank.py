@@ -11,7 +11,10 @@ DESCRIPTION = """Instance bank files; train with one through
 
   dida bank init CONFIG CHECKPOINT -o OUT.pt  class-balanced bank from source crops and a model
   dida bank import SRC_DIR_OR_NPZ -o OUT.pt   original f_buffer_s.npz / l_buffer_s.npz -> our format
-  dida bank show FILE_OR_DIR                  per-class counts, feature norms, missing classes
+  dida bank random -o OUT.pt                  unit random vectors, labels round-robin (placeholder)
+  dida bank show FILE_OR_DIR_OR_CHECKPOINT    per-class counts, feature norms, missing classes
+
+OUT is a new .pt/.pth (torch) or .safetensors file (--overwrite replaces an existing one).
 """
 ORDER = 80
 
@@ -21,19 +24,29 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     init = sub.add_parser("init", help="build a class-balanced bank from source images")
     init.add_argument("config", help="config file (e.g. a run's .json) naming the source data")
     init.add_argument("checkpoint", help="segmentor checkpoint whose fused features fill the bank")
-    init.add_argument("-o", "--output", required=True, help="output .pt or .safetensors file")
+    init.add_argument("-o", "--output", required=True, help="new .pt or .safetensors file")
     init.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
                       help="config override (repeatable), e.g. method.bank.size=300")  # fmt: skip
     init.add_argument("--max-crops", type=int, default=2000, help="give up after this many crops")
     init.add_argument("--device", default="auto", help="cpu, cuda, ... (default: auto)")
     imp = sub.add_parser("import", help="convert an embedding_cache folder or npz pair")
     imp.add_argument("src", help="folder holding f_buffer_s.npz and l_buffer_s.npz, or one of them")
-    imp.add_argument("-o", "--output", required=True, help="output .pt or .safetensors file")
+    imp.add_argument("-o", "--output", required=True, help="new .pt or .safetensors file")
     imp.add_argument("--size", type=int, default=None, help="expected number of entries K")
+    rnd = sub.add_parser("random", help="a placeholder bank of unit random vectors")
+    rnd.add_argument("-o", "--output", default="random_bank.pt",
+                     help="new .pt or .safetensors file (default random_bank.pt)")  # fmt: skip
+    rnd.add_argument("--size", type=int, default=300, help="entries K (default 300)")
+    rnd.add_argument("--dim", type=int, default=256, help="feature channels D (default 256)")
+    rnd.add_argument("--seed", type=int, default=0, help="random seed (default 0)")
     show = sub.add_parser("show", help="print per-class counts and feature norms")
-    show.add_argument("path", help="bank file (.pt, .safetensors) or embedding_cache folder/npz")
-    for p in (imp, show):
-        p.add_argument("--num-classes", type=int, default=19, help="number of classes (default 19)")
+    show.add_argument("path", help="bank file (.pt, .safetensors), embedding_cache folder/npz, "
+                      "builtin:<name>, or a DIDA training checkpoint")  # fmt: skip
+    for p in (imp, rnd, show):
+        p.add_argument("--num-classes", "--classes", type=int, default=19,
+                       help="number of classes (default 19)")  # fmt: skip
+    for p in (init, imp, rnd):
+        p.add_argument("--overwrite", action="store_true", help="replace an existing OUTPUT")
 
 
 def _summary(feats, labels, num_classes: int) -> list[str]:
@@ -58,13 +71,25 @@ def _summary(feats, labels, num_classes: int) -> list[str]:
 
 
 def run(args: argparse.Namespace) -> int:
-    from dida.engine.bank_io import read_bank_file
+    from dida.engine.bank_io import BANK_SUFFIXES, bank_input_files, read_bank_file
+    from dida.io_safety import check_output
 
+    if args.bank_command != "show":  # a bad output is refused before any work
+        inputs = []
+        if args.bank_command == "init":
+            inputs = [args.config, args.checkpoint]
+        elif args.bank_command == "import":
+            inputs = bank_input_files(args.src)
+        check_output(args.output, inputs=inputs, overwrite=args.overwrite,
+                     suffixes=BANK_SUFFIXES, what="bank file")  # fmt: skip
     if args.bank_command == "init":
         feats, labels, args.num_classes = _init_bank(args)
         _save(args.output, feats, labels)
     elif args.bank_command == "import":
         feats, labels = read_bank_file(args.src, size=args.size, num_classes=args.num_classes)
+        _save(args.output, feats, labels)
+    elif args.bank_command == "random":
+        feats, labels = _random_bank(args)
         _save(args.output, feats, labels)
     else:
         feats, labels = read_bank_file(args.path, num_classes=args.num_classes)
@@ -75,13 +100,24 @@ def run(args: argparse.Namespace) -> int:
 
 def _save(path: str, feats, labels) -> None:  # noqa: ANN001
     from dida.engine.bank_io import save_bank_file
+
+    save_bank_file(path, feats, labels)  # atomic; write errors are one-line WriteErrors
+    print(f"wrote {path}")
+
+
+def _random_bank(args: argparse.Namespace):  # noqa: ANN202
+    """Unit-norm Gaussian vectors, labels round-robin over the classes (the bank's own rule)."""
+    import torch
+
+    from dida.adapt.instance_bank import InstanceBank
     from dida.errors import UserError
 
-    try:
-        save_bank_file(path, feats, labels)
-    except OSError as err:
-        raise UserError(f"{path}: cannot write bank: {err.strerror}") from None
-    print(f"wrote {path}")
+    for name in ("size", "dim", "num_classes"):
+        if getattr(args, name) < 1:
+            raise UserError(f"--{name.replace('_', '-')} {getattr(args, name)}: expected >= 1")
+    bank = InstanceBank(args.size, args.dim, args.num_classes)
+    bank.init_random_(torch.Generator().manual_seed(args.seed))
+    return bank.feats.clone(), bank.labels.clone()
 
 
 def _init_bank(args: argparse.Namespace):  # noqa: ANN202

@@ -27,6 +27,7 @@ DESCRIPTION = """Evaluate a trained model on the validation set.
   dida test CONFIG CHECKPOINT       any config file and checkpoint
 """
 ORDER = 20
+AUG_RATIOS = (0.5, 0.75, 1.0, 1.25, 1.5, 1.75)  # mmseg's multi-scale test ratios
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -54,6 +55,17 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         help="config override, e.g. --set data.val.root=data/cityscapes (repeatable)",
     )  # fmt: skip
     parser.add_argument("--no-progress", action="store_true", help="no progress bar")
+    parser.add_argument(
+        "--aug-test", action="store_true",
+        help="test-time augmentation as mmseg: image scales --aug-ratios and horizontal flip, "
+        "softmax averaged",
+    )  # fmt: skip
+    parser.add_argument(
+        "--aug-ratios", type=float, nargs="+", default=list(AUG_RATIOS), metavar="R",
+        help="scale factors of --aug-test (default: %(default)s)",
+    )  # fmt: skip
+    parser.add_argument("--overwrite", action="store_true", help="replace an existing --out file")
+    parser.add_argument("--quiet", action="store_true", help="print only the summary line")
 
 
 def resolve_run(target: Path, checkpoint: Path | None) -> tuple[Path, Path, Path | None]:
@@ -156,13 +168,30 @@ def _prepare(args: argparse.Namespace) -> tuple[ExperimentConfig, Path, Path, Pa
         raise UserError("--format-only needs --out-dir or --show-dir")
     if args.format_only and cfg.model.num_classes != 19:
         raise UserError("--format-only writes Cityscapes labelIds: needs model.num_classes=19")
-    if args.out is not None:
-        out = args.out
-    elif run_dir is not None:
-        out = run_dir / "preds" / "results.json"
-    else:
-        out = checkpoint.with_name(f"{checkpoint.stem}_results.json")
+    if args.aug_test and any(not 0.0 < r <= 8.0 for r in args.aug_ratios):
+        raise UserError(f"--aug-ratios {args.aug_ratios}: expected factors in (0, 8]")
+    out = _check_outputs(args, run_dir, checkpoint, [config])
     return cfg, config, checkpoint, out
+
+
+def _check_outputs(args: argparse.Namespace, run_dir: Path | None, checkpoint: Path,
+                   inputs: list[Path]) -> Path:  # fmt: skip
+    """The results path; every output checked for writability before the evaluation runs."""
+    from dida.io_safety import check_output, check_writable_dir
+
+    if args.out is not None:  # a file the user names: never replaced unless --overwrite
+        out = check_output(args.out, inputs=[*inputs, checkpoint], overwrite=args.overwrite,
+                           suffixes=(".json",), what="results file")  # fmt: skip
+    else:  # the run's own results file, replaced (atomically) by every test
+        if run_dir is not None:
+            out = run_dir / "preds" / "results.json"
+        else:
+            out = checkpoint.with_name(f"{checkpoint.stem}_results.json")
+        check_writable_dir(out.parent, what="results folder", create=False)
+    for folder, what in ((args.show_dir, "--show-dir"), (args.out_dir, "--out-dir")):
+        if folder is not None:
+            check_writable_dir(folder, what=f"{what} folder")
+    return out
 
 
 def run(args: argparse.Namespace) -> int:
@@ -174,6 +203,7 @@ def run(args: argparse.Namespace) -> int:
     from dida.engine.distributed import cleanup, init_distributed
     from dida.eval.evaluate import evaluate, load_segmentor, resolve_device
     from dida.eval.metrics import format_results, to_jsonable
+    from dida.io_safety import atomic_write
 
     cfg, config, checkpoint, out = _prepare(args)
     device = resolve_device(args.device or cfg.train.device)
@@ -195,15 +225,19 @@ def run(args: argparse.Namespace) -> int:
         batched_slide=cfg.eval.batched_slide, device=device,
         subsets=cfg.eval.subsets, on_prediction=writer, progress=not args.no_progress,
         num_workers=cfg.eval.num_workers,
+        aug_ratios=args.aug_ratios if args.aug_test else None, flip=args.aug_test,
     )  # fmt: skip
     if info.is_main:
-        print(format_results(results))
+        if args.quiet:
+            print(f"mIoU {100 * results['mIoU']:.2f}  ({len(dataset)} images)")
+        else:
+            print(format_results(results))
         record = {
             "config": str(config), "checkpoint": str(checkpoint), "split": cfg.data.val.split,
-            "mode": cfg.eval.mode, "num_images": len(dataset), **to_jsonable(results),
+            "mode": cfg.eval.mode, "aug_test": args.aug_ratios if args.aug_test else None,
+            "num_images": len(dataset), **to_jsonable(results),
         }  # fmt: skip
-        out.parent.mkdir(parents=True, exist_ok=True)
-        out.write_text(json.dumps(record, indent=2) + "\n")
+        atomic_write(out, json.dumps(record, indent=2) + "\n", what="results file")
         print(f"results written to {out}")
     cleanup()
     return 0

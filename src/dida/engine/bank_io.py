@@ -59,21 +59,45 @@ def _read_pair(path: Path) -> tuple[torch.Tensor, torch.Tensor]:
 
 
 def _read_tensors(path: Path) -> tuple[torch.Tensor, torch.Tensor]:
-    """Our own format: a torch file or safetensors file with `feats` and `labels`."""
+    """Our own format: a torch file or safetensors file with `feats` and `labels`, or the bank
+    inside a DIDA training checkpoint (`method.bank`, the filled entries)."""
+    from dida.models.weights import check_weights_file
+
     if not path.is_file():
         raise DataError(f"{path}: bank file not found")
+    check_weights_file(path)
     try:
         if path.suffix == ".safetensors":
             from safetensors.torch import load_file
 
             data = load_file(str(path))
-        else:
-            data = torch.load(path, map_location="cpu", weights_only=True)
+        else:  # mmap: a training checkpoint is large, only its bank is read
+            with open(path, "rb") as f:
+                is_zip = f.read(4) == b"PK\x03\x04"  # mmap needs the zip format
+            data = torch.load(path, map_location="cpu", weights_only=True, mmap=is_zip)
     except Exception as err:  # pickle/safetensors errors have no common base class
         raise DataError(f"{path}: cannot read bank file: {str(err).splitlines()[0]}") from None
+    if isinstance(data, dict) and data.get("format") == "dida":  # a training checkpoint
+        bank = (data.get("method") or {}).get("bank")
+        if not isinstance(bank, dict) or not {"feats", "labels"} <= set(bank):
+            method = (data.get("config") or {}).get("method", {}).get("name", "?")
+            raise DataError(f"{path}: a training checkpoint without an instance bank ({method})")
+        count = int(bank["count"]) if "count" in bank else bank["feats"].shape[0]
+        return bank["feats"][:count].clone(), bank["labels"][:count].clone()
     if not isinstance(data, dict) or not {"feats", "labels"} <= set(data):
         raise DataError(f"{path}: expected a dict with 'feats' and 'labels'")
     return data["feats"], data["labels"]
+
+
+def bank_input_files(path: str | Path) -> list[Path]:
+    """The files `read_bank_file(path)` reads (to refuse writing over one of them)."""
+    path = Path(path)
+    if path.is_dir():
+        return [path / "f_buffer_s.npz", path / "l_buffer_s.npz"]
+    for a, b in (("f_buffer", "l_buffer"), ("l_buffer", "f_buffer")):
+        if path.name.startswith(a):
+            return [path, path.with_name(path.name.replace(a, b, 1))]
+    return [path]
 
 
 def read_bank_file(
@@ -114,13 +138,18 @@ def read_bank_file(
     return feats.float().contiguous(), labels.contiguous()
 
 
-def save_bank_file(path: str | Path, feats: torch.Tensor, labels: torch.Tensor) -> None:
-    """Write a bank as a torch file (`{"feats", "labels"}`) or, for `.safetensors`, safetensors."""
-    path = Path(path)
-    tensors = {"feats": feats.detach().float().cpu().contiguous(), "labels": labels.long().cpu()}
-    if path.suffix == ".safetensors":
-        from safetensors.torch import save_file
+BANK_SUFFIXES = (".pt", ".pth", ".safetensors")
 
-        save_file(tensors, str(path))
+
+def save_bank_file(path: str | Path, feats: torch.Tensor, labels: torch.Tensor) -> None:
+    """Write a bank as a torch file (`{"feats", "labels"}`) or, for `.safetensors`, safetensors;
+    atomically (a failed write leaves an existing file unchanged, as a one-line `WriteError`)."""
+    from dida.io_safety import atomic_write
+
+    tensors = {"feats": feats.detach().float().cpu().contiguous(), "labels": labels.long().cpu()}
+    if Path(path).suffix == ".safetensors":
+        from safetensors.torch import save
+
+        atomic_write(path, save(tensors), what="bank file")
     else:
-        torch.save(tensors, path)
+        atomic_write(path, lambda f: torch.save(tensors, f), what="bank file")

@@ -21,7 +21,7 @@ class _StderrHandler(logging.StreamHandler):
         super().__init__(sys.stderr)
 
     def emit(self, record: logging.LogRecord) -> None:
-        if not TrainProgress.active:
+        if not Progress.active:
             super().emit(record)
             return
         from tqdm import tqdm
@@ -117,11 +117,11 @@ def teardown_logging() -> None:
 PLAIN_PROGRESS_SECONDS = 30.0
 
 
-class TrainProgress:
+class Progress:
     """Iteration progress on stderr: a tqdm bar on a terminal, else a plain line every
     `PLAIN_PROGRESS_SECONDS` (so that a log file or CI shows that a slow run is alive)."""
 
-    active = False  # a bar is on screen: log records go through tqdm.write
+    active = 0  # bars on screen: log records then go through tqdm.write
 
     def __init__(
         self, total: int, initial: int = 0, enabled: bool = True, desc: str = "train"
@@ -136,7 +136,7 @@ class TrainProgress:
 
             self._bar = tqdm(total=total, initial=initial, desc=desc, unit="it",
                              dynamic_ncols=True, leave=False, file=sys.stderr)  # fmt: skip
-            TrainProgress.active = True
+            Progress.active += 1
 
     def update(self, done: int) -> None:
         if not self.enabled:
@@ -160,4 +160,4 @@ class TrainProgress:
         if self._bar is not None:
             self._bar.close()
             self._bar = None
-            TrainProgress.active = False
+            Progress.active -= 1

@@ -30,7 +30,7 @@ from dida.engine.distributed import (
 )
 from dida.engine.logging import (
     MetricWriter,
-    TrainProgress,
+    Progress,
     format_duration,
     setup_logging,
     teardown_logging,
@@ -198,7 +198,7 @@ def _train(cfg, run_dir, resume, on_finish, locks) -> dict:  # noqa: ANN001
         return {**_checkpoint_state(cfg, iteration, method, optimizer, scaler), "best": best}
 
     t_start, t_window, n_window = time.perf_counter(), time.perf_counter(), 0
-    progress = TrainProgress(tcfg.max_iters, start, enabled=dist_info.is_main)
+    progress = Progress(tcfg.max_iters, start, enabled=dist_info.is_main)
     stopped_at = None
     with _StopRequest() as stop:
         for iteration, batch in zip(range(start, tcfg.max_iters), loader, strict=False):
@@ -361,7 +361,7 @@ def _evaluate(cfg, method, val_set, device, iteration, writer, dist_info) -> dic
     result = evaluate(
         method.student, val_set, num_classes=cfg.model.num_classes, mode=ecfg.mode,
         crop_size=ecfg.crop_size, stride=ecfg.stride, device=device, subsets=ecfg.subsets or None,
-        progress=False,
+        progress=dist_info.is_main,
     )  # fmt: skip
     if dist_info.is_main:
         log.info("evaluation at iteration %d\n%s", iteration, format_results(result))

@@ -18,6 +18,7 @@ from torch.utils.data import DataLoader, Dataset, Subset
 from dida.config import ModelConfig
 from dida.data.labels import IGNORE_INDEX
 from dida.engine.distributed import get_rank_world
+from dida.engine.logging import Progress
 from dida.errors import CheckpointError, UserError
 from dida.eval.inference import slide_inference, whole_inference
 from dida.eval.metrics import SegEvaluator
@@ -98,16 +99,24 @@ def predict(
     stride: Sequence[int] | None = None,
     num_classes: int | None = None,
     batched: bool = False,
+    aug_ratios: Sequence[float] | None = None,
+    flip: bool = False,
 ) -> torch.Tensor:
     """Logits at `out_size` by whole-image or sliding-window inference (call under no_grad).
 
     `batched` runs all slide windows of an image as one batch. An `HRDASegmentor` runs its own
-    detail-branch windows inside each call.
+    detail-branch windows inside each call. With `aug_ratios` (image scale factors) and/or
+    `flip` (also the horizontally flipped image), as mmseg's `--aug-test`, the result is the
+    mean of the softmax probabilities of every view instead of logits (same argmax use).
 
     Shapes:
         img: [B, 3, h, w] normalised.
-        returns: [B, C, out_h, out_w] logits.
+        returns: [B, C, out_h, out_w] logits (probabilities with test-time augmentation).
     """
+    if aug_ratios or flip:
+        kwargs = dict(mode=mode, crop_size=crop_size, stride=stride, num_classes=num_classes,
+                      batched=batched)  # fmt: skip
+        return _augmented(model, img, out_size, list(aug_ratios or [1.0]), flip, kwargs)
     if mode == "whole":
         return whole_inference(model, img, out_size)
     if mode == "slide":
@@ -115,6 +124,28 @@ def predict(
             raise ValueError("slide inference needs crop_size, stride and num_classes")
         return slide_inference(model, img, out_size, crop_size, stride, num_classes, batched)
     raise ValueError(f"unknown inference mode '{mode}'; expected one of {MODES}")
+
+
+def _augmented(
+    model: nn.Module, img: torch.Tensor, out_size: Sequence[int], ratios: list[float],
+    flip: bool, kwargs: dict,
+) -> torch.Tensor:  # fmt: skip
+    """Mean softmax over scaled (and flipped) views. Shapes: [B, 3, h, w] -> [B, C, H, W]."""
+    import torch.nn.functional as F
+
+    total, views = None, 0
+    for ratio in ratios:
+        size = [max(1, round(s * ratio)) for s in img.shape[-2:]]
+        scaled = img if ratio == 1.0 else F.interpolate(
+            img, size=size, mode="bilinear", align_corners=False
+        )  # fmt: skip
+        for flipped in (False, True) if flip else (False,):
+            view = scaled.flip(-1) if flipped else scaled
+            logits = predict(model, view, out_size, **kwargs)
+            probs = (logits.flip(-1) if flipped else logits).softmax(dim=1)
+            total = probs if total is None else total + probs
+            views += 1
+    return total / views
 
 
 @torch.no_grad()
@@ -134,12 +165,16 @@ def evaluate(
     progress: bool = True,
     num_workers: int = 0,
     ignore_index: int = IGNORE_INDEX,
+    aug_ratios: Sequence[float] | None = None,
+    flip: bool = False,
 ) -> dict[str, Any]:
     """Predict every item of `dataset` and return the metrics of `SegEvaluator.compute`.
 
     Items are dicts with `img` (normalised, test scale) and `label` (full resolution); the model
     returns `(logits, embedding)`. The model is put in eval mode and its previous mode restored.
-    `on_prediction(pred, item)` receives each prediction, e.g. to write images.
+    `on_prediction(pred, item)` receives each prediction, e.g. to write images. `aug_ratios` and
+    `flip` turn on test-time augmentation (see `predict`). `progress` shows a bar on a terminal,
+    plain periodic lines otherwise.
 
     Shapes:
         item["img"]: [3, h, w] float32; item["label"]: [H, W] int64 (255 = ignore).
@@ -160,12 +195,9 @@ def evaluate(
     )
     was_training = model.training
     model.eval()
+    bar = Progress(len(shard), 0, enabled=progress and rank == 0, desc="eval")
     try:
-        if progress and rank == 0:
-            from tqdm import tqdm
-
-            loader = tqdm(loader, desc="eval", total=len(shard), dynamic_ncols=True)
-        for item in loader:
+        for done, item in enumerate(loader, 1):
             img = item["img"].unsqueeze(0).to(device)  # [1, 3, h, w]
             label = item["label"]
             logits = predict(
@@ -177,11 +209,15 @@ def evaluate(
                 stride=stride,
                 num_classes=num_classes,
                 batched=batched_slide,
+                aug_ratios=aug_ratios,
+                flip=flip,
             )
             pred = logits.argmax(dim=1)[0].cpu()  # [H, W]
             evaluator.process(pred, label)
             if on_prediction is not None:
                 on_prediction(pred, item)
+            bar.update(done)
     finally:
+        bar.close()
         model.train(was_training)
     return evaluator.compute()
