@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import re
 from pathlib import Path
 
 import pytest
@@ -37,3 +38,106 @@ def test_quickstart_smoke(tmp_path: Path, capsys: pytest.CaptureFixture[str]) ->
     # a second run reuses the generated data
     assert main(args[:1] + ["--methods", "source_only"] + args[1:]) == 0
     assert "reused" in capsys.readouterr().out
+
+
+@pytest.mark.parametrize(
+    ("extra", "message"),
+    [
+        (["--seeds", "0"], "--seeds 0: expected 1 or more"),
+        (["--seeds", "-1"], "--seeds -1: expected 1 or more"),
+        (["--iters", "0"], "--iters 0: expected 1 or more"),
+        (["--iters", "-5"], "--iters -5: expected 1 or more"),
+        (["--data-root", "FILE"], "--data-root folder is a file, not a folder"),
+        (["--work-dir", "FILE"], "--work-dir folder is a file, not a folder"),
+    ],
+)
+def test_bad_arguments_are_one_line(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str], extra: list[str], message: str
+) -> None:
+    (tmp_path / "FILE").write_text("mine")
+    extra = [str(tmp_path / "FILE") if e == "FILE" else e for e in extra]
+    defaults = ["--data-root", str(tmp_path / "d"), "--work-dir", str(tmp_path / "w")]
+    assert main(["quickstart", *defaults, *extra]) == 2
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and message in err
+    assert (tmp_path / "FILE").read_text() == "mine" and not (tmp_path / "d" / "gta").exists()
+
+
+def test_a_run_with_other_settings_is_refused(tmp_path: Path) -> None:
+    from dida.cli.quickstart import _existing_run
+    from dida.config import load_config, save_config
+    from dida.errors import UserError
+    from dida.experiments import find_experiment
+
+    cfg = load_config(find_experiment("quickstart").path)
+    assert _existing_run(cfg, tmp_path / "empty") is None
+    save_config(cfg, tmp_path / f"{cfg.name}.json")
+    assert _existing_run(cfg, tmp_path) == "auto"  # same settings: continue or reuse
+    other = load_config(find_experiment("quickstart").path, ["train.max_iters=200"])
+    with pytest.raises(UserError, match=r"other settings \(train.max_iters: 500 there, 200 now\)"):
+        _existing_run(other, tmp_path)
+
+
+def test_cached_benchmark_is_found_from_another_folder(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from dida.data.benchmark import make_synthetic_benchmark
+
+    small = dict(n_source=2, n_target_train=2, n_val=1, source_size=(32, 48), target_size=(32, 64))
+    monkeypatch.chdir(tmp_path)
+    first = make_synthetic_benchmark("bench", **small)
+    assert Path(first["gta_root"]).is_absolute()
+    elsewhere = tmp_path / "elsewhere"
+    elsewhere.mkdir()
+    monkeypatch.chdir(elsewhere)
+    again = make_synthetic_benchmark(tmp_path / "bench", **small)
+    assert again["cached"] and again["gta_root"] == first["gta_root"]
+    assert Path(again["cityscapes_root"], "leftImg8bit").is_dir()
+
+
+@pytest.mark.slow
+def test_ctrl_c_stops_the_whole_quickstart_and_a_rerun_continues(
+    tiny_uda_root: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str],
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:  # fmt: skip
+    import os
+    import signal
+
+    from conftest import tiny_overrides
+
+    import dida.data.benchmark
+    from dida.adapt.daformer import DAFormer
+
+    roots = {"gta_root": str(tiny_uda_root / "gta"),
+             "cityscapes_root": str(tiny_uda_root / "cityscapes"), "cached": True}  # fmt: skip
+    monkeypatch.setattr(dida.data.benchmark, "make_synthetic_benchmark", lambda *a, **k: roots)
+    work = tmp_path / "wd"
+    args = ["quickstart", "--iters", "3", "--methods", "source_only", "daformer",
+            "--work-dir", str(work), "--data-root", str(tmp_path / "data")]  # fmt: skip
+    for item in tiny_overrides(tiny_uda_root):
+        if not item.startswith(("method.name=", "train.max_iters=")):
+            args += ["--set", item]
+    original = DAFormer.forward_backward
+    calls = []
+
+    def interrupted(self, batch, iteration, backward, want_images):  # noqa: ANN001, ANN202
+        calls.append(iteration)
+        if iteration == 1:
+            os.kill(os.getpid(), signal.SIGINT)
+        return original(self, batch, iteration, backward, want_images)
+
+    with monkeypatch.context() as patch:
+        patch.setattr(DAFormer, "forward_backward", interrupted)  # daformer, the 2nd run
+        assert main(args) == 130
+    captured = capsys.readouterr()
+    assert "quickstart stopped at run 2/2 (daformer, seed 0)" in captured.err
+    assert "| source_only |" not in captured.out and not (work / "summary.json").exists()
+    assert (work / "seed0" / "source_only" / "preds" / "results.json").is_file()
+    assert not (work / "seed0" / "daformer" / "preds").exists()  # nothing partial is scored
+    # the same command again: source_only is reused, daformer continues from iteration 2
+    assert main(args) == 0
+    out = capsys.readouterr()
+    assert "finished earlier: reusing its results" in out.out
+    assert "resumed from" in out.err and re.search(r"\|\s+daformer \|", out.out)
+    summary = json.loads((work / "summary.json").read_text())
+    assert set(summary) == {"source_only", "daformer"}

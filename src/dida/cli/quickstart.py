@@ -30,6 +30,10 @@ working, and adaptation helping, in minutes on a CPU:
 
 No pretrained weights exist offline, so the encoder starts from random initialisation and the
 ImageNet feature distance is switched off.
+
+Finished runs are reused: running the same command again (e.g. after Ctrl-C, which stops the
+whole quickstart with exit code 130) continues where it stopped. A run folder holding a run with
+other settings is refused; choose another --work-dir.
 """
 
 # quickstart method id -> (method.name, the experiment whose DIDA preset it takes)
@@ -68,12 +72,14 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--seeds", type=int, default=1,
                         help="train every method with seeds 0..N-1 (default 1)")  # fmt: skip
     parser.add_argument("--methods", nargs="+", default=list(METHODS), choices=list(METHODS),
-                        help="methods to train (default: all three)")  # fmt: skip
+                        help="methods to train (default: all)")  # fmt: skip
     parser.add_argument("--iters", type=int, help="training iterations (default: the config's)")
-    parser.add_argument("--data-root", type=Path, default=Path("data/synthetic"),
-                        help="benchmark folder (default data/synthetic)")  # fmt: skip
-    parser.add_argument("--work-dir", type=Path, default=Path("work_dirs/quickstart"),
-                        help="run directories (default work_dirs/quickstart)")  # fmt: skip
+    parser.add_argument("--data-root", type=Path,
+                        help="benchmark folder (default: data/synthetic in the project "
+                        "folder)")  # fmt: skip
+    parser.add_argument("--work-dir", type=Path,
+                        help="run directories (default: work_dirs/quickstart in the project "
+                        "folder)")  # fmt: skip
     parser.add_argument("--set", dest="overrides", action="append", default=[],
                         metavar="KEY=VALUE", help="config override for every run")  # fmt: skip
     parser.add_argument("--nproc", type=int, default=2,
@@ -90,22 +96,89 @@ def _config(args: argparse.Namespace, method: str, seed: int, gen: dict):  # noq
         f"data.source.root={gen['gta_root']}",
         f"data.target.root={gen['cityscapes_root']}",
         f"data.val.root={gen['cityscapes_root']}",
-        *([f"train.max_iters={args.iters}"] if args.iters else []),
+        *([f"train.max_iters={args.iters}"] if args.iters is not None else []),
         *args.overrides,
     ]
     return load_config(find_experiment("quickstart").path, overrides)
 
 
+def _check_args(args: argparse.Namespace) -> None:
+    """One-line errors for arguments that cannot run; defaults in the project folder."""
+    from dida.config import project_root
+    from dida.errors import UserError
+    from dida.io_safety import check_writable_dir
+
+    for name in ("seeds", "iters", "nproc"):
+        value = getattr(args, name)
+        if value is not None and value < 1:
+            raise UserError(f"--{name} {value}: expected 1 or more")
+    args.data_root = args.data_root or project_root() / "data" / "synthetic"
+    args.work_dir = args.work_dir or project_root() / "work_dirs" / "quickstart"
+    check_writable_dir(args.data_root, what="--data-root folder")
+    check_writable_dir(args.work_dir, what="--work-dir folder")
+
+
+def _existing_run(cfg, run_dir: Path) -> str | None:  # noqa: ANN001
+    """`auto` to continue (or reuse) a run of the same settings in `run_dir`; None if empty.
+
+    Raises `UserError` when `run_dir` holds a run with other settings (nothing is overwritten).
+    """
+    from dida.config import config_to_dict, resolve_paths
+    from dida.engine.run_dir import holds_run
+    from dida.errors import UserError
+
+    if not holds_run(run_dir):
+        return None
+    wanted = json.loads(json.dumps(config_to_dict(resolve_paths(cfg, Path.cwd()))))
+    saved_file = run_dir / f"{cfg.name}.json"
+    saved = json.loads(saved_file.read_text()) if saved_file.is_file() else {}
+    if saved != wanted:
+        diff = _first_difference(saved, wanted) or "its config file is missing"
+        raise UserError(
+            f"{run_dir}: holds a run with other settings ({diff}); use another --work-dir, or "
+            "remove that folder"
+        )
+    return "auto"
+
+
+def _first_difference(a: dict, b: dict, prefix: str = "") -> str | None:
+    for key in sorted(set(a) | set(b)):
+        x, y = a.get(key), b.get(key)
+        if isinstance(x, dict) and isinstance(y, dict):
+            found = _first_difference(x, y, f"{prefix}{key}.")
+            if found:
+                return found
+        elif x != y:
+            return f"{prefix}{key}: {json.dumps(x)} there, {json.dumps(y)} now"
+    return None
+
+
 def _train_and_test(cfg, run_dir: Path) -> dict:  # noqa: ANN001
     from dida.cli.main import main
+    from dida.engine.checkpoint import find_latest
     from dida.engine.train import train
     from dida.errors import UserError
 
-    train(cfg, run_dir)
-    code = main(["test", str(run_dir), "--show-dir", str(run_dir / "preds"), "--no-progress"])
+    resume = _existing_run(cfg, run_dir)
+    results = run_dir / "preds" / "results.json"
+    latest = find_latest(run_dir) if resume else None
+    finished = latest is not None and _iteration(latest) >= cfg.train.max_iters
+    if finished and results.is_file() and results.stat().st_mtime >= latest.stat().st_mtime:
+        print("      finished earlier: reusing its results", flush=True)
+        return json.loads(results.read_text())
+    train(cfg, run_dir, resume=resume)
+    code = main(["test", str(run_dir), "--show-dir", str(run_dir / "preds"), "--quiet"])
+    if code == 130:
+        raise KeyboardInterrupt
     if code != 0:
         raise UserError(f"evaluation of {run_dir} failed (exit code {code})")
-    return json.loads((run_dir / "preds" / "results.json").read_text())
+    return json.loads(results.read_text())
+
+
+def _iteration(checkpoint: Path) -> int:
+    from dida.engine.checkpoint import load_checkpoint
+
+    return int(load_checkpoint(checkpoint, mmap=True)["iteration"])
 
 
 def _mean(values: list[float]) -> float:
@@ -133,7 +206,10 @@ def _table(results: dict[str, list[dict]]) -> str:
 def run(args: argparse.Namespace) -> int:
     from dida.data.benchmark import make_synthetic_benchmark
     from dida.engine.logging import format_duration
+    from dida.errors import Interrupted
+    from dida.io_safety import atomic_write
 
+    _check_args(args)
     start = time.perf_counter()
     print(f"[1/3] synthetic benchmark in {args.data_root} ...", flush=True)
     gen = make_synthetic_benchmark(args.data_root, nproc=args.nproc)
@@ -141,14 +217,21 @@ def run(args: argparse.Namespace) -> int:
     print(f"      {how}: source {gen['gta_root']}, target {gen['cityscapes_root']}")
     print("      note: no pretrained weights offline: random init, ImageNet feature distance off")
     results: dict[str, list[dict]] = {m: [] for m in args.methods}
-    for seed in range(args.seeds):
-        for method in args.methods:
-            cfg = _config(args, method, seed, gen)
-            run_dir = args.work_dir / f"seed{seed}" / method
-            print(f"[2/3] seed {seed}: training {method} ({cfg.train.max_iters} iterations) "
-                  f"-> {run_dir}", flush=True)  # fmt: skip
+    runs = [(seed, method) for seed in range(args.seeds) for method in args.methods]
+    for n, (seed, method) in enumerate(runs, 1):
+        cfg = _config(args, method, seed, gen)
+        run_dir = args.work_dir / f"seed{seed}" / method
+        print(f"[2/3] run {n}/{len(runs)}, seed {seed}: {method} ({cfg.train.max_iters} "
+              f"iterations) -> {run_dir}", flush=True)  # fmt: skip
+        try:
             results[method].append(_train_and_test(cfg, run_dir))
-            print(f"      {method}: mIoU {100 * results[method][-1]['mIoU']:.2f}", flush=True)
+        except KeyboardInterrupt:  # also TrainingInterrupted: the checkpoint is written
+            raise Interrupted(
+                f"quickstart stopped at run {n}/{len(runs)} ({method}, seed {seed}); nothing "
+                "partial is scored, finished runs are kept: run the same command again to "
+                "continue"
+            ) from None
+        print(f"      {method}: mIoU {100 * results[method][-1]['mIoU']:.2f}", flush=True)
     print(f"[3/3] target val mIoU (mean over {args.seeds} seed(s)), per-class IoU:\n")
     print(_table(results))
     if "source_only" in results:
@@ -158,7 +241,7 @@ def run(args: argparse.Namespace) -> int:
         if gains:
             print("\ngain over source-only: " + ", ".join(gains))
     summary = {m: [r["mIoU"] for r in rs] for m, rs in results.items()}
-    (args.work_dir / "summary.json").write_text(json.dumps(summary, indent=2) + "\n")
+    atomic_write(args.work_dir / "summary.json", json.dumps(summary, indent=2) + "\n")
     print(f"\nprediction images: {args.work_dir}/seed*/<method>/preds/   "
           f"summary: {args.work_dir / 'summary.json'}")  # fmt: skip
     print(f"total time {format_duration(time.perf_counter() - start)}")

@@ -104,13 +104,15 @@ def make_synthetic_benchmark(
         nproc: worker processes for rendering and conversion.
 
     Returns:
-        The marker contents: the parameters, `gta_root`, `cityscapes_root`, `seconds` (generation
-        time of the first call) and `cached` (True when an existing benchmark was reused).
+        The marker contents: the parameters, `gta_root`, `cityscapes_root` (absolute: the marker
+        stores them relative to its folder, so a cached benchmark is found from any working
+        folder), `seconds` (generation time of the first call) and `cached` (True when an
+        existing benchmark was reused).
 
     Raises:
         DataError: `root` holds a benchmark made with other parameters.
     """
-    root = Path(root)
+    root = Path(root).absolute()
     params = _Params(seed, n_source, n_target_train, n_val, tuple(source_size), tuple(target_size))
     expected = json.loads(json.dumps(asdict(params)))  # tuples -> lists, as read back from JSON
     marker = root / MARKER
@@ -121,16 +123,21 @@ def make_synthetic_benchmark(
                 f"{marker}: benchmark made with other parameters {info.get('params')}; "
                 f"remove {root} or pick another folder"
             )
-        return {**info, "cached": True}
+        return {**info, **_roots(root), "cached": True}
     start = time.perf_counter()
     _run_jobs(_jobs(root, params), nproc)
     convert_dataset("gta", root / "gta", nproc=nproc)
     convert_dataset("cityscapes", root / "cityscapes", nproc=nproc)
     info = {
         "params": expected,
-        "gta_root": str(root / "gta"),
-        "cityscapes_root": str(root / "cityscapes"),
+        "gta_root": "gta",  # relative to this marker's folder
+        "cityscapes_root": "cityscapes",
         "seconds": round(time.perf_counter() - start, 2),
     }
     marker.write_text(json.dumps(info, indent=2) + "\n")
-    return {**info, "cached": False}
+    return {**info, **_roots(root), "cached": False}
+
+
+def _roots(root: Path) -> dict[str, str]:
+    """The absolute dataset folders of a benchmark at `root`."""
+    return {"gta_root": str(root / "gta"), "cityscapes_root": str(root / "cityscapes")}
