@@ -437,7 +437,7 @@ RULES: list[tuple[str, Callable[[], tuple[Callable[[Any], bool], str]]]] = [
     ("data.num_workers", lambda: _int(0)),
     ("data.rcs.temperature", lambda: _num(0.0, lo_open=True)),
     ("data.rcs.min_pixels", lambda: _int(0)),
-    ("data.rcs.min_crop_ratio", lambda: _num(*_UNIT)),
+    ("data.rcs.min_crop_ratio", lambda: _num(0.0)),  # HRDA uses 2.0 (4x the pixels)
     ("method.teacher.alpha", lambda: _num(*_UNIT)),
     ("method.teacher.pseudo_threshold", lambda: _num(*_UNIT)),
     ("method.teacher.ignore_top", lambda: _int(0)),
