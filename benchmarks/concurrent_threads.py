@@ -24,9 +24,8 @@ def _run_jobs(args: argparse.Namespace, threads: int, policy: str, work: Path) -
     work = Path(tempfile.mkdtemp(dir=work))  # a fresh folder per measurement
     env = dict(os.environ)
     env["OMP_NUM_THREADS"] = str(threads)
-    env.pop("OMP_WAIT_POLICY", None)  # "default": the OpenMP runtime's own (spin, then sleep)
-    if policy != "default":
-        env["OMP_WAIT_POLICY"] = policy.upper()
+    # "default": the OpenMP runtime's own policy (spin, then sleep); dida reads an empty value so
+    env["OMP_WAIT_POLICY"] = "" if policy == "default" else policy.upper()
     data = args.data_root.resolve()
     cmd = [
         sys.executable, "-m", "dida", "train", "--exp", "quickstart",

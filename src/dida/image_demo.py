@@ -1,6 +1,8 @@
 """The seed's image demo command, `python -m image_demo IMAGE CONFIG CHECKPOINT`: wraps `dida demo`.
 
-Writes `<image stem>_pred.png` (colour overlay with a legend) next to the image (METHOD.md §5.3).
+Writes `<image stem>_pred.png` next to the image: the image with the predicted classes in colour
+(`--opacity`) and a legend strip naming the classes present. `python -m image_demo` works from
+any folder once dida is installed (`image_demo` is installed as a top-level module).
 """
 
 from __future__ import annotations

@@ -75,13 +75,29 @@ def _positive_int(text: str) -> int:
     return value
 
 
+def quiet_library_warnings() -> None:
+    """Library warnings (torch, numpy, ...) and OpenCV's own messages stay off the console:
+    Python warnings go to the `py.warnings` logger, which a training writes into its train.log."""
+    import logging
+
+    os.environ.setdefault("OPENCV_LOG_LEVEL", "ERROR")  # read when cv2 is imported
+    logging.captureWarnings(True)
+    logger = logging.getLogger("py.warnings")
+    logger.propagate = False
+    if not logger.handlers:
+        logger.addHandler(logging.NullHandler())
+
+
 def configure_threads(threads: int | None) -> None:
     """CPU thread settings that degrade gracefully when other processes share the CPU.
 
-    OpenMP threads sleep while they wait (`OMP_WAIT_POLICY=PASSIVE`, unless the variable is set)
-    instead of spinning against other programs; `threads` sets PyTorch's thread count.
+    OpenMP threads sleep while they wait (`OMP_WAIT_POLICY=PASSIVE`, unless the variable is set;
+    set but empty: the OpenMP runtime's own policy) instead of spinning against other programs;
+    `threads` sets PyTorch's thread count.
     """
     os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")  # read when torch loads OpenMP
+    if not os.environ["OMP_WAIT_POLICY"]:
+        del os.environ["OMP_WAIT_POLICY"]
     if threads is not None:
         os.environ["OMP_NUM_THREADS"] = str(threads)  # also for processes started later
         if "torch" in sys.modules:
@@ -95,6 +111,7 @@ def main(argv: list[str] | None = None) -> int:
         parser.print_help()
         return 1
     configure_threads(getattr(args, "threads", None))
+    quiet_library_warnings()
     try:
         return int(args._run(args) or 0)
     except UserError as err:

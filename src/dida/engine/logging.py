@@ -42,10 +42,8 @@ class _StderrHandler(logging.StreamHandler):
 
 def setup_logging(log_file: Path | None, is_main: bool = True) -> logging.Logger:
     """Configure the `dida` logger: INFO to stderr and `log_file` on rank 0, WARNING elsewhere."""
+    teardown_logging()
     logger = logging.getLogger(LOGGER_NAME)
-    for handler in list(logger.handlers):
-        logger.removeHandler(handler)
-        handler.close()
     logger.setLevel(logging.INFO if is_main else logging.WARNING)
     logger.propagate = False
     fmt = logging.Formatter("%(asctime)s %(levelname)s %(message)s", datefmt="%H:%M:%S")
@@ -56,6 +54,9 @@ def setup_logging(log_file: Path | None, is_main: bool = True) -> logging.Logger
         file_handler = logging.FileHandler(log_file)
         file_handler.setFormatter(fmt)
         logger.addHandler(file_handler)
+        # library warnings captured by the CLI (`py.warnings`) go into the log, not the console
+        warnings_logger = logging.getLogger("py.warnings")
+        warnings_logger.addHandler(file_handler)
     return logger
 
 
@@ -107,8 +108,11 @@ def format_duration(seconds: float) -> str:
 def teardown_logging() -> None:
     """Remove the handlers `setup_logging` installed (closing the log file)."""
     logger = logging.getLogger(LOGGER_NAME)
+    warnings_logger = logging.getLogger("py.warnings")
     for handler in list(logger.handlers):
         logger.removeHandler(handler)
+        if handler in warnings_logger.handlers:
+            warnings_logger.removeHandler(handler)
         handler.close()
     logger.setLevel(logging.NOTSET)
     logger.propagate = True

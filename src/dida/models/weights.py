@@ -75,6 +75,18 @@ class LoadReport:
     unexpected: list[str] = field(default_factory=list)
     ignored: list[str] = field(default_factory=list)
 
+    def __str__(self) -> str:
+        """One readable line: layout and counts, with the first few keys that did not match."""
+
+        def some(keys: list[str]) -> str:
+            return ", ".join(keys[:3]) + (", ..." if len(keys) > 3 else "")
+
+        parts = [f"{self.layout} layout"]
+        for name, keys in (("missing", self.missing), ("unexpected", self.unexpected),
+                           ("ignored", self.ignored)):  # fmt: skip
+            parts.append(f"{len(keys)} {name}" + (f" ({some(keys)})" if keys else ""))
+        return ", ".join(parts)
+
 
 def convert_hf_mit(state_dict: StateDict) -> StateDict:
     """Hugging Face SegFormer encoder (hub or transformers-5 names) -> NVlabs MiT state dict.
@@ -376,9 +388,11 @@ def load_state(
     )
     logger.info("loaded %s weights from %s", layout, origin)
     if report.missing:
-        logger.warning("%d missing keys: %s", len(report.missing), report.missing[:10])
+        logger.warning("%s: %d weights missing, e.g. %s", origin, len(report.missing),
+                       ", ".join(report.missing[:3]))  # fmt: skip
     if report.unexpected:
-        logger.warning("%d unexpected keys: %s", len(report.unexpected), report.unexpected[:10])
+        logger.warning("%s: %d weights not used, e.g. %s", origin, len(report.unexpected),
+                       ", ".join(report.unexpected[:3]))  # fmt: skip
     return report
 
 
