@@ -1,5 +1,5 @@
 #!/bin/sh
-# Evaluate a training run (METHOD.md §5.2): sh test.sh RUN_DIR [extra `dida test` options]
+# Evaluate a training run as the original's test.sh: sh test.sh RUN_DIR [extra `dida test` options]
 # Config = RUN_DIR/<name>.json, checkpoint = RUN_DIR/latest.pth; colour predictions, results.json and
 # the log pre_log.out go to RUN_DIR/preds/. Set PYTHON to choose the interpreter.
 if [ $# -lt 1 ]; then
@@ -26,4 +26,5 @@ if [ $status -ne 0 ]; then
     tail -n 5 "$log" >&2
     exit $status
 fi
-grep -A 4 "^Summary:" "$log"
+# the summary table, all of it: "Summary:" and the table lines that follow
+awk '/^Summary:/ {p = 1; print; next} p && /^[+|]/ {print; next} p {exit}' "$log"

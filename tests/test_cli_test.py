@@ -211,6 +211,9 @@ def test_test_sh_under_posix_sh(run_dir: Path, tmp_path: Path) -> None:
     assert proc.returncode == 0, proc.stderr
     log = (run / "preds" / "pre_log.out").read_text()
     assert "per class results:" in log and "Summary:" in log
+    summary = proc.stdout.split("Summary:\n", 1)[1].splitlines()  # the whole table, both borders
+    assert len(summary) == 5 and summary[0] == summary[2] == summary[4] and summary[0][0] == "+"
+    assert summary[1].startswith("| aAcc")
     assert (run / "preds" / "results.json").is_file()
     assert len(list((run / "preds" / "frankfurt").glob("*_leftImg8bit.png"))) == 3
     bad = subprocess.run([sh, str(REPO / "test.sh"), str(tmp_path / "missing")], env=env,

@@ -17,7 +17,7 @@ def tiny_mit(**kwargs) -> MiT:
 
 
 def nvlabs_keys(dims: list[int], depths: list[int]) -> set[str]:
-    """Expected key names of the original mit_b*.pth backbone (METHOD.md §1.3 table)."""
+    """Expected key names of the original mit_b*.pth backbone."""
     keys = set()
     for s in range(1, 5):
         keys |= {f"patch_embed{s}.{m}.{p}" for m in ("proj", "norm") for p in ("weight", "bias")}

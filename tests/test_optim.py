@@ -1,4 +1,4 @@
-"""AdamW parameter groups and the poly + warmup schedule (METHOD.md §2.4, §8)."""
+"""AdamW parameter groups and the poly + warmup schedule (DAFormer's schedule)."""
 
 from __future__ import annotations
 

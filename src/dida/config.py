@@ -1,6 +1,6 @@
 """Typed experiment configuration: dataclasses, YAML loading, dotted overrides, saving.
 
-The dataclass defaults are the paper's GTA→Cityscapes DIDA setting (METHOD.md §2, §3, §7).
+The dataclass defaults are the paper's GTA→Cityscapes DIDA setting (docs/reproduction.md lists it).
 YAML files only hold what differs. Parsing goes through OmegaConf structured configs, so a key
 that does not exist or a value of the wrong type is an error that names the key.
 """
@@ -79,7 +79,7 @@ class DatasetConfig:
     # one of: gta, synthia, cityscapes, folder
     kind: str = "cityscapes"
     root: str = "data/cityscapes"
-    # sub-folders and suffixes; empty means the dataset kind's default (METHOD.md §4.1)
+    # sub-folders and suffixes; empty: the kind's default (`data.datasets.default_layout`)
     img_dir: str = ""
     ann_dir: str = ""
     img_suffix: str = ""

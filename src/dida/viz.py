@@ -1,4 +1,4 @@
-"""Palette colouring, overlays, legends and panels for predictions (METHOD.md §5.2–5.4).
+"""Palette colouring, overlays, legends and panels for predictions.
 
 Images here are numpy uint8 RGB `[H, W, 3]`; label maps are integer `[H, W]` trainIds with
 255 = ignore (drawn black). Shared by `dida test --show-dir`, `dida demo` and the training debug

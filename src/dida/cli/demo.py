@@ -1,4 +1,4 @@
-"""`dida demo`: segment images of any size and write colour overlays with a legend (METHOD.md §5.3).
+"""`dida demo`: segment images of any size and write colour overlays with a legend.
 
 Each image is resized to the test scale, predicted (whole or sliding-window, as `eval.mode`), the
 logits resized back to the original size; `<stem>_pred.png` (overlay + legend strip of the classes

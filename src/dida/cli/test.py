@@ -1,6 +1,6 @@
 """`dida test`: evaluate a checkpoint on the validation (or test) set, as the seed's tools/test.py.
 
-Prints the per-class and summary tables (METHOD.md §5.1–5.2), writes all numbers as JSON and,
+Prints the per-class and summary tables (as mmseg's tools/test.py), writes all numbers as JSON and,
 optionally, colour predictions (`--show-dir`) or Cityscapes `*_labelIds.png` (`--format-only`).
 """
 

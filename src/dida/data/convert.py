@@ -1,8 +1,9 @@
 """Dataset converters: GTA / SYNTHIA / Cityscapes labels -> trainId PNGs + RCS class statistics.
 
-Implements METHOD.md §4.2-4.3. Each input label gets a `<stem>_labelTrainIds.png` beside it; the
-three statistics files (and for Cityscapes the split lists) go to the output folder. Existing files
-are never overwritten: an identical existing output is left as it is, a different one is an error.
+As the original's tools/convert_datasets scripts. Each input label gets a
+`<stem>_labelTrainIds.png` beside it; the three statistics files (and for Cityscapes the split
+lists) go to the output folder. Existing files are never overwritten: an identical existing output
+is left as it is, a different one is an error.
 """
 
 from __future__ import annotations
@@ -192,7 +193,7 @@ def _write_text(path: Path, text: str) -> None:
 
 
 def stats_files(stats: list[dict[str, int | str]]) -> dict[str, str]:
-    """The three statistics files of METHOD.md §4.3 as JSON texts, keyed by file name."""
+    """The three rare-class-sampling statistics files as JSON texts, keyed by file name."""
     as_dict: dict[str, dict[str, int]] = {}
     with_class: dict[str, list[list[int | str]]] = {}
     for sample in stats:
@@ -246,7 +247,7 @@ def convert_dataset(
         kind: "gta", "synthia" or "cityscapes".
         root: dataset root as given by the user; `file` entries are built from it.
         out_dir: where the statistics files go (default: `root`).
-        gt_dir: label folder relative to `root` (default: the kind's, METHOD.md §4.3).
+        gt_dir: label folder relative to `root` (default: the kind's).
         nproc: worker processes (default: 4 for GTA/SYNTHIA, 1 for Cityscapes).
         progress: `progress(iterable, total)` wraps the results, e.g. with `tqdm`.
 

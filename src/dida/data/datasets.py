@@ -1,8 +1,8 @@
 """Segmentation datasets (GTA, SYNTHIA, Cityscapes, generic folder) resolved from `DatasetConfig`.
 
 A dataset is a sorted list of (image, trainId label) file pairs found by a recursive scan
-(METHOD.md §4.1); layout problems are reported at construction. `ValDataset` is the evaluation
-view: image resized to the eval scale, label at full resolution.
+(the folders `dida convert` writes); layout problems are reported at construction. `ValDataset`
+is the evaluation view: image resized to the eval scale, label at full resolution.
 """
 
 from __future__ import annotations
@@ -33,7 +33,7 @@ class Layout:
 
 
 def default_layout(kind: str, split: str) -> Layout:
-    """The kind's default folders and suffixes (METHOD.md §4.1): where `dida convert` writes."""
+    """The kind's default folders and suffixes: where `dida convert` writes."""
     if kind in ("gta", "synthia"):
         spec = SPECS[kind]
         return Layout(spec.img_dir, spec.gt_dir, ".png", OUT_SUFFIX)

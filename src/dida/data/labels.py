@@ -1,4 +1,4 @@
-"""Cityscapes' 19 training classes, their palette, and the id → trainId maps (METHOD.md §4.2, §5.4).
+"""Cityscapes' 19 training classes, their palette, and the id → trainId maps.
 
 The only place these tables live.
 """
@@ -36,7 +36,7 @@ SYNTHIA_ID_TO_TRAINID: dict[int, int] = {
     18: 14, 19: 15, 20: 16, 12: 17, 11: 18,
 }  # fmt: skip
 
-# Evaluation subsets for SYNTHIA→Cityscapes (METHOD.md §4.2)
+# Evaluation subsets for SYNTHIA→Cityscapes (the paper's 16 and 13 classes)
 SYNTHIA_16: tuple[int, ...] = tuple(c for c in range(19) if c not in (9, 14, 16))
 SYNTHIA_13: tuple[int, ...] = tuple(c for c in SYNTHIA_16 if c not in (3, 4, 5))
 

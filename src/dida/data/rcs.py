@@ -1,4 +1,4 @@
-"""Rare-class sampling (DAFormer RCS, METHOD.md §2.3): class frequencies -> sampling probabilities
+"""Rare-class sampling (DAFormer RCS): class frequencies -> sampling probabilities
 P(c) = softmax((1 - f_c) / T), and per-class candidate source files matched by label basename.
 """
 

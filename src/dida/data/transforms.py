@@ -1,5 +1,6 @@
 """Paired image/label transforms (numpy + OpenCV): keep-ratio resize, cat-max-ratio crop, flip,
-ImageNet normalisation, padding; plus the train and test pipelines of METHOD.md §2.2.
+ImageNet normalisation, padding; plus the train pipeline (keep-ratio resize, random crop, flip)
+and the test pipeline.
 
 All randomness comes from an explicit `numpy.random.Generator`.
 """

@@ -1,4 +1,4 @@
-"""Evaluate a segmentor on a validation dataset (METHOD.md §5.1): used by `dida test` and training.
+"""Evaluate a segmentor on a validation dataset: used by `dida test` and training.
 
 Batch 1, the image at the test scale, logits resized to the full-resolution label, argmax, and a
 dataset-level confusion matrix. Under DDP each rank takes indices `rank::world` (no duplicates) and

@@ -1,4 +1,4 @@
-"""Segmentation metrics from a confusion matrix accumulated over a whole dataset (METHOD.md §5.1).
+"""Segmentation metrics from a confusion matrix accumulated over a whole dataset (as mmseg does).
 
 Intersection and union are summed over all images before dividing (not averaged per image),
 pixels whose label is `ignore_index` are skipped, and classes absent from both prediction and label

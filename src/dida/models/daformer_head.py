@@ -1,4 +1,4 @@
-"""DAFormer decode head with the context-aware "sepaspp" fusion, METHOD.md §1.4.
+"""DAFormer decode head with the context-aware "sepaspp" fusion (DAFormer's `DAFormerHead`).
 
 Module names mirror mmseg's `DAFormerHead` (`embed_layers.{i}.proj`, `fuse_layer.aspp_modules.*`,
 `fuse_layer.bottleneck`, `conv_seg`), so released DAFormer/DIDA checkpoints map by prefix only.

@@ -1,4 +1,4 @@
-"""Mix Transformer (MiT-B0..B5) encoder of SegFormer, METHOD.md §1.2.
+"""Mix Transformer (MiT-B0..B5) encoder of SegFormer.
 
 Parameter names are exactly those of the original NVlabs `mix_transformer.py` (`patch_embed1.proj`,
 `block1.0.attn.kv`, `norm1`, ...), so the official ImageNet files `mit_b*.pth` load one-to-one.
@@ -17,7 +17,7 @@ from torch.utils.checkpoint import checkpoint
 
 from dida.models.layers import DropPath
 
-# Per-variant settings of the original `mit_b0`..`mit_b5` classes (METHOD.md §1.2 table).
+# Per-variant settings of the original `mit_b0`..`mit_b5` classes (NVlabs `mix_transformer.py`).
 _WIDE = [64, 128, 320, 512]
 _HEADS = [1, 2, 5, 8]
 _SR = [8, 4, 2, 1]

@@ -1,6 +1,6 @@
 """Load pretrained weights into a `Segmentor` or its `MiT` encoder, whatever their layout.
 
-Accepted sources (METHOD.md §1.3, §1.6): the NVlabs SegFormer ImageNet files `mit_b*.pth`;
+Accepted sources: the NVlabs SegFormer ImageNet files `mit_b*.pth`;
 Hugging Face SegFormer weights (hub id, folder or `.safetensors`); our own checkpoints (`student`
 entry or plain Segmentor state dict); and the released DAFormer/DIDA mmcv checkpoints. Each foreign
 layout has one `convert_*` function (timm `checkpoint_filter_fn` style) that maps it to our names.
