@@ -1,6 +1,6 @@
 """Peak memory of one HRDA student forward + backward, with and without `model.checkpoint_encoder`.
 
-The student forward of HRDA/MIC(HRDA) training (HRDA_MIC.md §A2-A4) at the real sizes: a 1024²
+The student forward of HRDA/MIC(HRDA) training at the published sizes: a 1024²
 context crop (its 512² context view and a 512² detail box through MiT-B5), the fused + detail loss,
 backward. Every training-step forward (source, mixed, masked) is one of these and is backpropagated
 before the next starts, so its activations are the per-forward part of a step's peak. Examples:

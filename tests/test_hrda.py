@@ -1,6 +1,6 @@
 """HRDA segmentor: parameter counts, detail boxes, scale-attention fusion against a hand
 computation, training/teacher forwards, sliding detail windows, loss split, encoder checkpointing,
-and `dida test` / `dida weights inspect` on a released-layout HRDA checkpoint (HRDA_MIC.md §A, §F).
+and `dida test` / `dida weights inspect` on a released-layout HRDA checkpoint.
 """
 
 from __future__ import annotations
@@ -111,7 +111,7 @@ def test_detail_box_offsets_faithful_and_full_range() -> None:
     gen = torch.Generator().manual_seed(0)
     boxes = [sample_detail_box((1024, 1024), (512, 512), 8, generator=gen) for _ in range(1500)]
     starts = {b[0] for b in boxes} | {b[2] for b in boxes}
-    assert starts == set(range(0, 505, 8))  # 64 values; 512 is never drawn (quirk E2)
+    assert starts == set(range(0, 505, 8))  # 64 values; 512 is never drawn (as the reference)
     assert all(b[1] - b[0] == 512 and b[3] - b[2] == 512 for b in boxes)
     full = [
         sample_detail_box((1024, 1024), (512, 512), 8, full_offset_range=True, generator=gen)
@@ -172,7 +172,7 @@ def test_faithful_fusion_matches_hand_computation_inside_and_outside_the_box() -
     torch.testing.assert_close(fused[..., 0, 0], lr[..., 0, 0])
     # the far corner inside the box: a·hr + (1 - a)·lr of that cell
     torch.testing.assert_close(fused[..., 3, 3], a11 * hr[..., 1, 1] + (1 - a11) * lr11)
-    # the first pixel inside the box edge gets 0.75·0.75·a (quirk E4) times the detail logit
+    # the first pixel inside the box edge gets 0.75·0.75·a (reference quirk) times the detail logit
     lr_part = _up((1 - a) * lr)[..., 2, 2]
     torch.testing.assert_close(fused[..., 2, 2], 0.5625 * a11 * hr[..., 0, 0] + lr_part)
     # just outside the edge: no detail logit, but the attenuated lr cell leaks in (weight 1/16)

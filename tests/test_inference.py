@@ -108,7 +108,7 @@ def test_batched_slide_equals_window_by_window() -> None:
 
 
 def test_hrda_slide_with_one_window_equals_whole() -> None:
-    """Test-time windows (HRDA_MIC.md §A5) around an HRDA model, which slides its own detail
+    """Test-time windows (HRDA's slide test) around an HRDA model, which slides its own detail
     windows inside each call: a window covering the image equals whole-image inference."""
     from dida.config import load_config
     from dida.models import segmentor_from_config

@@ -37,7 +37,7 @@ REPO = Path(__file__).resolve().parents[1]
 DOCS = ["README.md"] + sorted(
     str(p.relative_to(REPO)) for p in (REPO / "docs").glob("*.md") if p.name != "deviations.md"
 )
-SEED_SCRIPTS = {"run_exp.sh": ("train", "--exp"), "test.sh": ("test",)}
+SEED_SCRIPTS = {"run_exp.sh": ("train", "--exp"), "test.sh": ("test",), "run_config.sh": ("train",)}
 # harmless shell words that need no coverage (environment set-up)
 SHELL_BUILTINS = {".", "source", "cd", "export", "mkdir", "ln", "ls", "unzip", "tar"}
 PYTEST_OPTIONS = {"-q", "-x", "-v", "-k", "-m", "--lf"}
@@ -145,8 +145,8 @@ def check_pip(args: list[str]) -> None:
     assert args[:1] == ["install"], f"pip {shlex.join(args)}: only `pip install` is documented"
     pytest.importorskip("tomllib")
     names, extras = _project_requirements()
-    for arg in args[1:]:
-        if arg.startswith("-"):
+    for i, arg in enumerate(args[1:], 1):
+        if arg.startswith("-") or args[i - 1] in ("--index-url", "--extra-index-url"):
             continue
         if arg.startswith("."):
             wanted = re.findall(r"\[(.*)\]", arg)
@@ -184,14 +184,41 @@ def check_sh(args: list[str]) -> None:
     assert args[0] in SEED_SCRIPTS and script.is_file(), f"sh {args[0]}: not a seed script"
     subprocess.run(["sh", "-n", str(script)], check=True)
     forwarded = SEED_SCRIPTS[args[0]]
+    if args[0] == "run_config.sh":  # run_config.sh GPUID [CONFIG] [dida train arguments]
+        assert len(args) > 1, f"sh {shlex.join(args)}: missing GPUID"
+        rest = args[2:]
+        if rest and not rest[0].startswith("-"):
+            rest = ["--config", rest[0], *rest[1:]]
+        check_dida(["train", *(rest if "--config" in rest else ["--exp", "7", *rest])])
+        return
     positional = 2 if args[0] == "run_exp.sh" else 1  # run_exp.sh EXPID GPUID; test.sh RUN_DIR
     assert len(args) > positional, f"sh {shlex.join(args)}: missing arguments"
     check_dida([*forwarded, args[1], *args[positional + 1 :]])
 
 
+def _make_targets() -> set[str]:
+    text = (REPO / "Makefile").read_text()
+    return set(re.findall(r"^([a-z][\w-]*):", text, flags=re.M))
+
+
+def check_make(args: list[str]) -> None:
+    """`make TARGET [VAR=value ...]`: the target exists in the Makefile; variables are known."""
+    targets = [a for a in args if "=" not in a]
+    assert targets, f"make {shlex.join(args)}: no target"
+    for target in targets:
+        assert target in _make_targets(), f"make {target}: no such target in the Makefile"
+    makefile = (REPO / "Makefile").read_text()
+    for assignment in (a for a in args if "=" in a):
+        name = assignment.split("=", 1)[0]
+        assert re.search(rf"^{name} \?=", makefile, flags=re.M), f"make: unknown variable {name}"
+
+
 def check_command(tokens: list[str], monkeypatch: pytest.MonkeyPatch) -> None:
     """Assert that one documented shell command is covered; fail with the command otherwise."""
     while tokens and re.match(r"^[A-Z_][A-Z0-9_]*=", tokens[0]):  # VAR=value prefixes
+        if tokens[1:2] == ["make"]:  # `VAR=value make TARGET` sets a Makefile variable
+            assert re.search(rf"^{tokens[0].split('=')[0]} \?=", (REPO / "Makefile").read_text(),
+                             flags=re.M), f"make: unknown variable in {tokens[0]}"  # fmt: skip
         tokens = tokens[1:]
     head, args = tokens[0], tokens[1:]
     if head == "dida":
@@ -206,6 +233,8 @@ def check_command(tokens: list[str], monkeypatch: pytest.MonkeyPatch) -> None:
         check_sh(args)
     elif head == "pip":
         check_pip(args)
+    elif head == "make":
+        check_make(args)
     else:
         assert head in SHELL_BUILTINS, f"`{shlex.join(tokens)}`: no test covers this command"
 
@@ -219,9 +248,18 @@ def test_every_shell_command_is_covered(doc: str, monkeypatch: pytest.MonkeyPatc
 
 
 def test_readme_keeps_the_two_commands() -> None:
+    """The README's first commands are `make quickstart` and `make test`; the Makefile runs
+    `dida quickstart` and `python -m pytest` in the environment it sets up, and CI runs
+    `make test` too."""
     commands = [shlex.join(c) for c in shell_commands((REPO / "README.md").read_text())]
-    assert "dida quickstart" in commands
-    assert "python -m pytest" in commands
+    assert commands[:2] == ["make quickstart", "make test"]
+    makefile = (REPO / "Makefile").read_text()
+    recipes = dict(re.findall(r"^([a-z][\w-]*):.*\n\t(.*)", makefile, flags=re.M))
+    assert recipes["quickstart"] == "$(BIN)/dida quickstart $(ARGS)"
+    assert recipes["test"] == "$(BIN)/python -m pytest $(ARGS)"
+    ci = (REPO / ".ci" / "run").read_text()
+    assert "make test ARGS=--runslow" in ci and "make lint" in ci
+    assert "python -m pytest" in commands and "dida quickstart" in commands  # the manual path
 
 
 def _check_inline_dida(span: str) -> None:

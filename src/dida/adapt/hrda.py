@@ -1,7 +1,7 @@
-"""HRDA's segmentation loss of one training forward (HRDAHead.losses, HRDA_MIC.md §A3).
+"""HRDA's segmentation loss of one training forward (the reference's `HRDAHead.losses`).
 
 `(1 - λ_d - λ_lr)·CE(fused, label) + λ_d·CE(detail, label in the box) [+ λ_lr·CE(lr, label)]`,
-each a pixel-weighted CE averaged over all pixels of its label (METHOD.md §2.6), logits resized
+each a pixel-weighted CE averaged over all pixels of its label (mmseg's reduction), logits resized
 bilinearly to their label. The same call serves the source, mixed and masked (MIC) forwards.
 """
 
@@ -51,7 +51,7 @@ def hrda_seg_loss(
         terms["hr.loss_seg"] = detail_weight * pixel_weighted_ce(
             hr, hr_label, hr_weight, ignore_index
         )
-    if context_weight > 0:  # supervises the attenuated (1 - a)·lr, as the reference (quirk E3)
+    if context_weight > 0:  # supervises the attenuated (1 - a)·lr, as the reference does
         lr = resize(out.lr, size)
         terms["lr.loss_seg"] = context_weight * pixel_weighted_ce(lr, label, weight, ignore_index)
     return terms

@@ -1,8 +1,8 @@
-"""Masked image consistency (MIC, HRDA_MIC.md §B): a masked, colour-augmented target view trained
-with the teacher's pseudo-labels.
+"""Masked image consistency (MIC, Hoyer et al., CVPR 2023): a masked, colour-augmented target view
+trained with the teacher's pseudo-labels (the reference's `MaskingConsistencyModule`).
 
 Pure functions: the block mask (`BlockMaskGenerator`), MIC's own colour/blur augmentation (per-batch
-decisions and one blur σ for the batch, quirk E12), the masked view, and the loss of a student
+decisions and one blur σ for the batch, as the reference), the masked view, and the loss of a student
 forward on it (one CE for a `Segmentor`, the HRDA fused + detail split for an `HRDASegmentor`).
 All randomness comes from an explicit `torch.Generator`.
 """
@@ -191,8 +191,8 @@ def mic_loss(
 
     `forward` is the student call: a `Segmentor`-like `(logits, ...)` tuple gives one weighted CE;
     an `HRDAOutput` (a forward with a fresh detail box) gives HRDA's fused + detail terms. λ =
-    `weight` scales every term, or only the fused one with `fused_only` (the reference's quirk
-    E11). All pixels count, masked ones included.
+    `weight` scales every term, or only the fused one with `fused_only` (as the
+    reference does). All pixels count, masked ones included.
 
     Shapes:
         masked_img: [B, 3, H, W]; pseudo_label: [B, H, W] int64; pseudo_weight: [B, H, W] or None

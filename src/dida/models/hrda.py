@@ -1,4 +1,5 @@
-"""HRDA multi-resolution segmentor (HRDA_MIC.md §A2, §A3, §A5).
+"""HRDA multi-resolution segmentor (Hoyer et al., ECCV 2022; the reference's `HRDAEncoderDecoder`,
+`HRDAHead`).
 
 One MiT encoder and one DAFormer head (shared weights) decode a context view (the whole crop at
 `lr_scale`) and a detail view (a full-resolution box inside it, or sliding windows over the whole
@@ -123,12 +124,12 @@ def fuse_scales(
     *,
     faithful: bool = True,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | float]:
-    """Scale-attention fusion of context and detail logits (HRDAHead.forward, HRDA_MIC.md §A3).
+    """Scale-attention fusion of context and detail logits (the reference's `HRDAHead.forward`).
 
     Faithful (reference): `a` is masked by the box on the context grid, `lr' = (1 - a)·lr`,
     `fused = up(a)·hr_in + up(lr')`, with `hr_in` the detail logits pasted into zeros at the box.
     Because the mask is applied before the bilinear upsampling, fused-grid pixels next to the box
-    edges get a fraction of `a` (quirk E4). `faithful=False` masks `up(a)` on the fused grid:
+    edges get a fraction of `a` (a reference quirk). `faithful=False` masks `up(a)` on the fused grid:
     `fused = up(a)·hr_in + (1 - up(a))·up(lr)`, exactly `up(lr)` outside the box.
 
     Args:
