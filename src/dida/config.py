@@ -28,7 +28,7 @@ class ConfigError(UserError, ValueError):
 
 @dataclass
 class HRDAConfig:
-    """HRDA multi-resolution training (HRDA_MIC.md §A7); sizes are in full-resolution pixels."""
+    """HRDA multi-resolution training (Hoyer et al., ECCV 2022); sizes in full-resolution pixels."""
 
     enabled: bool = False
     # scale of the context (LR) view of the training crop
@@ -200,7 +200,7 @@ class InstanceConfig:
 
 @dataclass
 class MICConfig:
-    """Masked image consistency (HRDA_MIC.md §B): an extra loss on a masked target view."""
+    """Masked image consistency (MIC, Hoyer et al., CVPR 2023): a loss on a masked target view."""
 
     enabled: bool = False
     # target_aug (colour jitter + blur, then masking) | target (masking only)
@@ -222,7 +222,7 @@ class MICConfig:
 
 @dataclass
 class ComposeConfig:
-    """How DIDA's instance branch combines with HRDA and MIC (HRDA_MIC.md §C, new design)."""
+    """How DIDA's instance branch combines with HRDA and MIC (new design, no published result)."""
 
     # lr (bank and L_in on the context branch) | hr (detail branch) | both
     hrda_scale: str = "lr"
@@ -500,7 +500,7 @@ def validate(cfg: ExperimentConfig, origin: str | None = None) -> ExperimentConf
     return validate_hrda_mic(cfg, origin)
 
 
-# --- HRDA / MIC / composition: choices and cross-field rules (HRDA_MIC.md §A7, §B4, §C) ----------
+# --- HRDA / MIC / composition: choices and cross-field rules -------------------------------------
 
 
 def _fail(key: str, value: Any, expected: str, where: str) -> None:

@@ -1,10 +1,10 @@
 """Masked image consistency (MIC, Hoyer et al., CVPR 2023): a masked, colour-augmented target view
 trained with the teacher's pseudo-labels (the reference's `MaskingConsistencyModule`).
 
-Pure functions: the block mask (`BlockMaskGenerator`), MIC's own colour/blur augmentation (per-batch
-decisions and one blur σ for the batch, as the reference), the masked view, and the loss of a student
-forward on it (one CE for a `Segmentor`, the HRDA fused + detail split for an `HRDASegmentor`).
-All randomness comes from an explicit `torch.Generator`.
+Pure functions: the block mask (`BlockMaskGenerator`), MIC's own colour/blur augmentation
+(per-batch decisions and one blur σ for the batch, as the reference), the masked view, and the loss
+of a student forward on it (one CE for a `Segmentor`, the HRDA fused + detail split for an
+`HRDASegmentor`). All randomness comes from an explicit `torch.Generator`.
 """
 
 from __future__ import annotations

@@ -129,8 +129,8 @@ def fuse_scales(
     Faithful (reference): `a` is masked by the box on the context grid, `lr' = (1 - a)·lr`,
     `fused = up(a)·hr_in + up(lr')`, with `hr_in` the detail logits pasted into zeros at the box.
     Because the mask is applied before the bilinear upsampling, fused-grid pixels next to the box
-    edges get a fraction of `a` (a reference quirk). `faithful=False` masks `up(a)` on the fused grid:
-    `fused = up(a)·hr_in + (1 - up(a))·up(lr)`, exactly `up(lr)` outside the box.
+    edges get a fraction of `a` (a reference quirk). `faithful=False` masks `up(a)` on the fused
+    grid: `fused = up(a)·hr_in + (1 - up(a))·up(lr)`, exactly `up(lr)` outside the box.
 
     Args:
         lr: context logits over the whole context crop.
