@@ -4,6 +4,7 @@ variants, the `dida export` command, and `dida predict --onnx` against PyTorch."
 from __future__ import annotations
 
 import json
+import re
 from pathlib import Path
 
 import cv2
@@ -22,6 +23,7 @@ from dida.eval.inference import encode_decode  # noqa: E402
 from dida.export import OnnxSegmentor, check_export, export_onnx  # noqa: E402
 from dida.models import build_segmentor  # noqa: E402
 
+README = Path(__file__).resolve().parents[1] / "README.md"
 SIZES = [(64, 128), (45, 77)]  # two sizes, the second not a multiple of 32
 
 
@@ -79,7 +81,9 @@ def test_export_with_normalisation_and_argmax(segmentor: torch.nn.Module, tmp_pa
     assert not results[0].ok
 
 
-def test_dida_export_and_predict_onnx(tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
+def test_dida_export_and_predict_onnx(
+    tmp_path: Path, capsys: pytest.CaptureFixture, monkeypatch: pytest.MonkeyPatch
+) -> None:
     run_dir = make_run(tmp_path / "run")
     out = tmp_path / "m.onnx"
     assert main(["export", str(run_dir), "-o", str(out)]) == 0
@@ -103,3 +107,16 @@ def test_dida_export_and_predict_onnx(tmp_path: Path, capsys: pytest.CaptureFixt
         a = cv2.imread(str(torch_out / f"{k}_trainIds.png"), cv2.IMREAD_UNCHANGED)
         b = cv2.imread(str(onnx_out / f"{k}_trainIds.png"), cv2.IMREAD_UNCHANGED)
         assert a.shape == b.shape and (a == b).mean() > 0.999
+
+    # the README's deployment snippet (onnxruntime, numpy, OpenCV only) gives the same labels
+    snippet = next(
+        b for b in re.findall(r"```python\n(.*?)```", README.read_text(), re.S) if "ort." in b
+    )
+    monkeypatch.chdir(tmp_path)
+    assert main(["export", str(run_dir), "-o", "model_uint8.onnx", "--include-normalize"]) == 0
+    (tmp_path / "street.png").write_bytes((images / "0.png").read_bytes())
+    namespace: dict = {}
+    exec(compile(snippet, "README.md", "exec"), namespace)
+    expected = cv2.imread(str(torch_out / "0_trainIds.png"), cv2.IMREAD_UNCHANGED)
+    assert namespace["labels"].shape == expected.shape
+    assert (namespace["labels"] == expected).mean() > 0.999
