@@ -81,6 +81,10 @@ def quiet_library_warnings() -> None:
     import logging
 
     os.environ.setdefault("OPENCV_LOG_LEVEL", "ERROR")  # read when cv2 is imported
+    if "cv2" in sys.modules:  # already imported (e.g. by a caller of main())
+        cv2 = sys.modules["cv2"]
+        if os.environ["OPENCV_LOG_LEVEL"] == "ERROR" and hasattr(cv2, "utils"):
+            cv2.utils.logging.setLogLevel(cv2.utils.logging.LOG_LEVEL_ERROR)
     logging.captureWarnings(True)
     logger = logging.getLogger("py.warnings")
     logger.propagate = False
