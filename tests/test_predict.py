@@ -116,7 +116,7 @@ def test_predict_folder_tree_odd_images_corrupt_file_and_video(
     assert _read(labels[3]).shape == (48, 80)
 
 
-@pytest.mark.parametrize("mode", ["whole", "slide"])
+@pytest.mark.parametrize("mode", ["whole", pytest.param("slide", marks=pytest.mark.slow)])
 def test_predict_labels_equal_dida_test_predictions(
     run_dir: Path, tmp_path: Path, mode: str
 ) -> None:
