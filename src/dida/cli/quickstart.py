@@ -198,7 +198,9 @@ def _table(results: dict[str, list[dict]]) -> str:
         row += [f"{100 * _mean([r['IoU'][c] for r in runs]):.1f}" for c in classes]
         rows.append(row)
     widths = [max(len(r[i]) for r in [header, *rows]) for i in range(len(header))]
-    fmt = lambda r: "| " + " | ".join(c.rjust(w) for c, w in zip(r, widths, strict=True)) + " |"
+    fmt = lambda r: "| " + " | ".join(  # method names left, numbers right
+        c.ljust(w) if i == 0 else c.rjust(w) for i, (c, w) in enumerate(zip(r, widths, strict=True))
+    ) + " |"  # fmt: skip
     line = "|" + "|".join("-" * (w + 2) for w in widths) + "|"
     return "\n".join([fmt(header), line, *[fmt(r) for r in rows]])
 
