@@ -39,8 +39,10 @@ $(STAMP): pyproject.toml
 	@$(PYTHON) -c 'import sys; sys.exit(0 if sys.version_info >= (3, 10) else "dida needs Python 3.10 or newer: make ... PYTHON=python3.12")'
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
 	$(BIN)/python -m pip install -q --upgrade pip
-	$(BIN)/python -c 'import torch' 2>/dev/null || \
-		$(BIN)/python -m pip install -q "$(TORCH)" $(if $(TORCH_INDEX),--index-url $(TORCH_INDEX))
+	@# torch alone from TORCH_INDEX (its dependencies come from the default index afterwards)
+	$(BIN)/python -c 'import torch' 2>/dev/null || { \
+		$(BIN)/python -m pip install -q --no-deps "$(TORCH)" $(if $(TORCH_INDEX),--index-url $(TORCH_INDEX)) && \
+		$(BIN)/python -m pip install -q "$(TORCH)"; }
 	$(BIN)/python -m pip install -q -e ".[dev]"
 	touch $(STAMP)
 
