@@ -1,5 +1,5 @@
 """Periodic debug panels of a training step (source, target, pseudo-label, mix mask, mixed image,
-mixed label, pseudo-weight), one PNG per batch image."""
+mixed label, pseudo-weight; MIC's masked target), one PNG per batch image."""
 
 from __future__ import annotations
 
@@ -12,7 +12,7 @@ from dida.data.transforms import denormalize_tensor
 from dida.viz import colorize, make_panel, write_rgb
 
 ORDER = ("src_img", "src_label", "src_pred", "tgt_img", "pseudo_label", "mix_mask", "mixed_img",
-         "mixed_label", "pseudo_weight")  # fmt: skip
+         "mixed_label", "pseudo_weight", "masked_img")  # fmt: skip
 
 
 def _to_rgb(name: str, tensor: torch.Tensor) -> np.ndarray:

@@ -360,8 +360,8 @@ def _evaluate(cfg, method, val_set, device, iteration, writer, dist_info) -> dic
     ecfg = cfg.eval
     result = evaluate(
         method.student, val_set, num_classes=cfg.model.num_classes, mode=ecfg.mode,
-        crop_size=ecfg.crop_size, stride=ecfg.stride, device=device, subsets=ecfg.subsets or None,
-        progress=dist_info.is_main,
+        crop_size=ecfg.crop_size, stride=ecfg.stride, batched_slide=ecfg.batched_slide,
+        device=device, subsets=ecfg.subsets or None, progress=dist_info.is_main,
     )  # fmt: skip
     if dist_info.is_main:
         log.info("evaluation at iteration %d\n%s", iteration, format_results(result))

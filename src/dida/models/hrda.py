@@ -262,6 +262,10 @@ class HRDASegmentor(Segmentor):
             return img
         return F.interpolate(img, scale_factor=self.lr_scale, mode="bilinear", align_corners=False)
 
+    def context_size(self, size: Sequence[int]) -> tuple[int, int]:
+        """(h, w) of the context view of an input of `size`: ⌊s·H⌋ × ⌊s·W⌋."""
+        return int(size[0] * self.lr_scale), int(size[1] * self.lr_scale)
+
     def detail_view(self, img: torch.Tensor) -> torch.Tensor:
         """The full-resolution input of the detail branch (blurred with `blur_detail`)."""
         if not self.blur_detail:
@@ -280,6 +284,14 @@ class HRDASegmentor(Segmentor):
         """Detail windows over an input of `size` (stride half the window with `slide_overlap`)."""
         stride = [c // 2 for c in self.detail_crop] if self.slide_overlap else self.detail_crop
         return sliding_windows(size, self.detail_crop, stride)
+
+    def decode_detail(self, img: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """The shared head on the detail view of the whole `img` (no context, no attention):
+        `(logits, F_hr)`, e.g. a teacher pass on exactly a student's detail box.
+
+        Shapes: img: [B, 3, h, w] -> [B, C, h/4, w/4], [B, D, h/4, w/4]
+        """
+        return self.head(self.encoder(self.detail_view(img)))
 
     def forward(
         self,
