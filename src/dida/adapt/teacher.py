@@ -82,14 +82,15 @@ class EMATeacher(nn.Module):
         set_batch_norm_mode_(self.model, self.bn)
         return self
 
-    def forward(self, img: torch.Tensor) -> object:
-        """Run the teacher without building a graph; returns whatever the wrapped model returns.
+    def forward(self, img: torch.Tensor, **kwargs) -> object:  # noqa: ANN003
+        """Run the teacher without building a graph; returns whatever the wrapped model returns
+        (`kwargs` go to the model, e.g. `full_output=True` of an HRDA segmentor).
 
         Shapes:
             img: [B, 3, H, W]
         """
         with torch.no_grad():
-            return self.model(img)
+            return self.model(img, **kwargs)
 
     def ema_alpha(self, iteration: int) -> float:
         """Momentum with DACS warm-up: `min(1 - 1 / (iteration + 1), alpha)`."""

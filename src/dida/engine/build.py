@@ -6,11 +6,12 @@ This is the engine's side of model construction, so all file reading (weights, b
 from __future__ import annotations
 
 import copy
+import dataclasses
 import logging
 
 import torch
 
-from dida.config import ExperimentConfig
+from dida.config import ExperimentConfig, mic_block_size
 from dida.errors import UserError
 
 log = logging.getLogger("dida.train")
@@ -49,6 +50,10 @@ def check_inputs(cfg: ExperimentConfig) -> None:
             raise UserError(
                 f"method.bank.init_path: '{bank.init_path}' not found (needed by bank.init=file)"
             )
+    if cfg.method.mic.enabled and cfg.method.name == "source_only":
+        raise UserError(
+            "method.mic.enabled needs the teacher's pseudo-labels: use method.name=daformer or dida"
+        )
 
 
 def build_method(
@@ -78,15 +83,19 @@ def build_method(
         log.warning("no pretrained weights: the ImageNet feature distance is switched off")
     generator = torch.Generator(device=device)
     generator.manual_seed(cfg.train.seed * 1000 + rank)
-    kwargs = dict(num_classes=num_classes, imnet_encoder=imnet, generator=generator)
+    kwargs = dict(num_classes=num_classes, imnet_encoder=imnet, generator=generator,
+                  hrda=cfg.model.hrda)  # fmt: skip
+    # MIC's block size in input pixels: 64 at HRDA's full resolution, 32 at half (unless set)
+    mic = dataclasses.replace(cfg.method.mic, block_size=mic_block_size(cfg))
+    method_cfg = dataclasses.replace(cfg.method, mic=mic)
     if cfg.method.name == "source_only":
-        method = SourceOnly(student, cfg.method, **kwargs)
+        method = SourceOnly(student, method_cfg, **kwargs)
     elif cfg.method.name == "daformer":
-        method = DAFormer(student, cfg.method, **kwargs)
+        method = DAFormer(student, method_cfg, **kwargs)
     else:
         from dida.adapt.dida import DIDA
 
-        method = DIDA(student, cfg.method, embed_dim=cfg.model.embed_dim, **kwargs)
+        method = DIDA(student, method_cfg, embed_dim=cfg.model.embed_dim, **kwargs)
         _init_bank(method, cfg)
     return method.to(device).train()
 
@@ -95,12 +104,12 @@ def _init_bank(method, cfg: ExperimentConfig) -> None:  # noqa: ANN001
     from dida.engine.bank_io import read_bank_file
 
     bank_cfg = cfg.method.bank
-    bank = method.bank
-    if bank_cfg.init == "file":
-        feats, labels = read_bank_file(
-            bank_cfg.init_path, size=bank.size, dim=bank.dim, num_classes=bank.num_classes
-        )
-        bank.load_(feats, labels)
-        log.info("instance bank loaded from %s", bank_cfg.init_path)
-    elif bank_cfg.init == "random":
-        bank.init_random_(torch.Generator().manual_seed(cfg.train.seed))
+    for bank in method.banks:  # HRDA with separate banks: both start alike
+        if bank_cfg.init == "file":
+            feats, labels = read_bank_file(
+                bank_cfg.init_path, size=bank.size, dim=bank.dim, num_classes=bank.num_classes
+            )
+            bank.load_(feats, labels)
+            log.info("instance bank loaded from %s", bank_cfg.init_path)
+        elif bank_cfg.init == "random":
+            bank.init_random_(torch.Generator().manual_seed(cfg.train.seed))
