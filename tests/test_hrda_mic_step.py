@@ -262,8 +262,11 @@ def test_dida_hrda_instance_loss_on_the_context_view(source: str) -> None:
         ["method.compose.hrda_scale=both", "method.compose.hrda_separate_banks=true"],
         ["method.compose.mic_view=add"],
         ["method.compose.mic_view=only", "method.compose.hrda_scale=both"],
+        ["method.compose.mic_view=add", "model.hrda.enabled=false", "method.mic.block_size=16",
+         "data.target_pseudo_margins=null"],
     ],
-    ids=["hr", "hr-recompute", "both", "both-separate", "mic-add", "mic-only-both"],
+    ids=["hr", "hr-recompute", "both", "both-separate", "mic-add", "mic-only-both",
+         "no-hrda-mic-add"],
 )
 def test_compose_variants_train(extra: list[str]) -> None:
     method = _method("dida", *extra)

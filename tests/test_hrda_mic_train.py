@@ -190,3 +190,13 @@ def test_quickstart_accepts_mic_methods_and_keeps_its_default_four() -> None:
         assert cfg.method.name == ("daformer" if method == "mic" else "dida")
         assert cfg.method.mic.enabled and not cfg.model.hrda.enabled
         assert cfg.data.crop_size[0] // mic_block_size(cfg) == 16  # the published 16×16 grid
+
+
+def test_mic_needs_a_teacher() -> None:
+    from dida.engine.build import check_inputs
+    from dida.errors import UserError
+
+    cfg = load_config(None, ["method.name=source_only", "method.mic.enabled=true",
+                             "model.pretrained=null"])  # fmt: skip
+    with pytest.raises(UserError, match="method.mic.enabled needs"):
+        check_inputs(cfg)
