@@ -1,24 +1,81 @@
-"""Seconds per iteration and peak memory of one training step (source-only, DAFormer or DIDA).
+"""Seconds per iteration, peak memory, and with --profile the step's dispatch profile.
 
-Runs the real method module (`dida.adapt`) with the engine's optimizer on random tensors of the
-given crop, so it measures the step itself, not data loading. Examples:
+Runs the real method module (`dida.adapt`) with the engine's optimizer, precision and compile
+settings on random tensors of the given crop, so it measures the step itself, not data loading.
+Every case runs in a fresh subprocess (its own peak memory, no compile cache from another case).
+Every list option multiplies the cases. Examples:
 
     python benchmarks/train_step.py --method daformer dida --variant mit_b0 --crop 512 --batch 2
-    python benchmarks/train_step.py --device cuda --variant mit_b5 --precision bf16 fp32 \
-        --method daformer dida
+    python benchmarks/train_step.py --profile --variant mit_b5 --method dida --repeats 1
+    python benchmarks/train_step.py --device cuda --variant mit_b5 --profile \
+        --method daformer dida --precision bf16 fp32 --feat-dist on off
+    python benchmarks/train_step.py --device cuda --variant mit_b5 --profile --table
 
-Peak memory: CUDA `max_memory_allocated`; CPU the process's peak resident set (VmHWM), measured
-in a fresh subprocess per case so that cases do not inherit each other's peak.
+Columns:
+  s/it          median over --repeats timed steps (after --warmup steps, which include compiling)
+  peak MB       CUDA `max_memory_allocated`; on the CPU the process's peak resident set (VmHWM)
+  --profile adds one profiled step (torch.profiler) after the timed ones:
+  dispatches    ATen operators that do work (leaf operators, views and allocations excluded): on
+                CUDA each is one kernel launch or more, so the CPU count is the launch count a
+                GPU run would have, without a GPU; in brackets those of `optimizer.step()` (a
+                for-loop AdamW, the CPU default, dispatches ~10 per parameter; foreach/fused few)
+  memsets       zero_/fill_ (a memset or a tiny kernel on CUDA), apart from the dispatches
+  launches      CUDA only: kernel launches (cudaLaunchKernel and friends) of the step
+  syncs         host synchronisations: CUDA `torch.cuda.set_sync_debug_mode` warnings; on the CPU
+                the operators that would synchronise on a GPU (.item(), bool(), nonzero, unique;
+                not the AdamW step counters or `torch._assert_async`, which do not on CUDA)
+  GPU busy      kernel time of the profiled step / s/it
+  compile s     wall time of the warm-up steps (compilation included) minus warm-up x s/it
 """
 
 from __future__ import annotations
 
 import argparse
+import itertools
 import json
+import math
 import statistics
 import subprocess
 import sys
 import time
+import warnings
+
+# operators that only create views or allocate: no kernel on any device
+VIEW_OPS = {
+    "aten::view", "aten::_unsafe_view", "aten::as_strided", "aten::_reshape_alias",
+    "aten::reshape", "aten::transpose", "aten::permute", "aten::expand", "aten::expand_as",
+    "aten::squeeze", "aten::unsqueeze", "aten::slice", "aten::select", "aten::t",
+    "aten::alias", "aten::detach", "aten::detach_", "aten::unbind", "aten::split",
+    "aten::split_with_sizes", "aten::chunk", "aten::narrow", "aten::empty", "aten::empty_like",
+    "aten::empty_strided", "aten::resize_", "aten::lift_fresh", "aten::set_",
+    "aten::result_type", "aten::contiguous", "aten::to", "aten::view_as", "aten::flatten",
+    "aten::unflatten", "aten::diagonal", "aten::numpy_T", "aten::movedim", "aten::swapaxes",
+    "aten::type_as", "aten::_has_compatible_shallow_copy_type", "aten::is_same_size",
+    "aten::_shape_as_tensor", "aten::size", "aten::stride", "aten::item", "aten::is_nonzero",
+    "aten::requires_grad_", "aten::retain_grad", "aten::output_nr", "aten::_version",
+    "aten::align_as", "aten::broadcast_tensors", "aten::expand_copy", "aten::unfold",
+    "aten::_nested_tensor_from_mask_left_aligned", "aten::lift", "aten::conj",
+    "aten::resolve_conj", "aten::resolve_neg", "aten::_neg_view", "aten::_conj",
+    "aten::dropout", "aten::feature_dropout", "aten::real", "aten::imag", "aten::_fw_primal",
+    "aten::_make_dual",
+}  # fmt: skip
+# zero_/fill_ are memsets (cudaMemsetAsync or a tiny kernel); they are counted apart below
+MEMSET_OPS = {"aten::zero_", "aten::fill_"}
+# operators that make the host wait for the device on CUDA
+SYNC_OPS = {
+    "aten::_local_scalar_dense", "aten::nonzero", "aten::_unique", "aten::_unique2",
+    "aten::unique_dim", "aten::unique_consecutive", "aten::equal",
+}  # fmt: skip
+# multi-tensor operators (the EMA update, fused AdamW): the CPU runs them tensor by tensor, CUDA
+# launches one kernel per ~110 tensors (multi_tensor_apply), which is what is counted
+MULTI_TENSOR_OPS = ("aten::_foreach_", "aten::_fused_")
+# with torch.compile on the CPU, `torch._inductor.config.cpp.enable_kernel_profile` names each
+# generated kernel in the profile
+INDUCTOR_KERNEL_PREFIXES = ("cpp_fused_", "graph_")
+LAUNCH_EVENTS = {
+    "cudaLaunchKernel", "cudaLaunchKernelExC", "cuLaunchKernel", "cuLaunchKernelEx",
+    "cudaGraphLaunch", "cudaLaunchCooperativeKernel",
+}  # fmt: skip
 
 
 def _vm_hwm_mb() -> float:
@@ -29,79 +86,252 @@ def _vm_hwm_mb() -> float:
     return float("nan")
 
 
-def run_case(args: argparse.Namespace) -> dict:
+def _config(case: argparse.Namespace):  # noqa: ANN202
+    from dida.config import ExperimentConfig
+
+    cfg = ExperimentConfig()  # the defaults are the DIDA reference preset (experiments 7 and 8)
+    cfg.model.variant, cfg.model.pretrained = case.variant, None
+    cfg.method.name = case.method
+    cfg.method.instance.resolution = case.resolution
+    cfg.method.feat_dist.enabled = case.feat_dist == "on"
+    cfg.data.batch_size = case.batch
+    cfg.data.crop_size = [case.crop, case.crop]
+    cfg.train.precision = case.precision
+    cfg.train.compile = case.compile
+    return cfg
+
+
+def _build(case: argparse.Namespace, device):  # noqa: ANN001, ANN202
+    """The method, optimizer and one-step function the engine would build for `case`."""
+    import copy
+
     import torch
 
-    from dida.adapt.daformer import DAFormer, SourceOnly
-    from dida.adapt.dida import DIDA
-    from dida.config import ExperimentConfig
+    from dida.engine import build
     from dida.engine.optim import build_optimizer
     from dida.engine.train import resolve_precision
-    from dida.models import segmentor_from_config
 
-    torch.manual_seed(0)
-    device = torch.device(args.device)
-    cfg = ExperimentConfig()
-    cfg.model.variant, cfg.model.pretrained = args.variant, None
-    cfg.method.instance.resolution = args.resolution
-    cfg.method.feat_dist.enabled = args.feat_dist
-    dtype = resolve_precision(args.precision, device)
-    student = segmentor_from_config(cfg.model)
-    imnet = None
-    if args.feat_dist:
-        import copy
-
-        imnet = copy.deepcopy(student.encoder)
-    kwargs = dict(num_classes=cfg.model.num_classes, imnet_encoder=imnet,
-                  generator=torch.Generator(device=device).manual_seed(0))  # fmt: skip
-    classes = {"source_only": SourceOnly, "daformer": DAFormer}
-    if args.method == "dida":
-        method = DIDA(student, cfg.method, embed_dim=cfg.model.embed_dim, **kwargs)
+    cfg = _config(case)
+    try:
+        dtype = resolve_precision(cfg.train.precision, device, training=True)
+    except TypeError:  # an older tree
+        dtype = resolve_precision(cfg.train.precision, device)
+    method = build.build_method(cfg, None, device)
+    if cfg.method.feat_dist.enabled and method.imnet is None:  # no pretrained weights offline
+        method.imnet = copy.deepcopy(method.student.encoder).requires_grad_(False).eval()
+    if cfg.method.name == "dida":
         method.bank.init_random_(torch.Generator().manual_seed(0))
-    else:
-        method = classes[args.method](student, cfg.method, **kwargs)
-    method = method.to(device).train()
-    if args.compile:
-        method.set_student_forward(torch.compile(student))
-    optimizer = build_optimizer(student, cfg.optim)
+    try:
+        from dida.engine.speed import prepare_method
+    except ImportError:  # an older tree (the "before" numbers): no speed settings
+        prepare_method = None
+        if case.compile not in ("false", False):
+            method.set_student_forward(torch.compile(method.student))
+    if prepare_method is not None:
+        prepare_method(method, cfg.train.compile, dtype)
+    optimizer = build_optimizer(method.student, cfg.optim)
     scaler = torch.amp.GradScaler(device.type, enabled=dtype == torch.float16)
-    b, s, c = args.batch, args.crop, cfg.model.num_classes
-    gen = torch.Generator().manual_seed(1)
-    src_label = torch.randint(0, c, (b, s // 32, s // 32), generator=gen)
-    src_label = src_label.repeat_interleave(32, 1).repeat_interleave(32, 2)
-    batch = {
-        "src_img": torch.randn(b, 3, s, s, generator=gen).to(device),
-        "src_label": src_label.to(device),
-        "tgt_img": torch.randn(b, 3, s, s, generator=gen).to(device),
-    }
 
-    def step(i: int) -> None:
+    def step(batch: dict, i: int) -> object:
         optimizer.zero_grad(set_to_none=True)
         method.update_teacher(i)
         with torch.autocast(device.type, dtype=dtype, enabled=dtype != torch.float32):
-            method.forward_backward(batch, i, lambda loss: scaler.scale(loss).backward(), False)
+            out = method.forward_backward(batch, i, lambda x: scaler.scale(x).backward(), False)
         scaler.step(optimizer)
         scaler.update()
+        return out
 
+    return cfg, step
+
+
+def _batch(cfg, device):  # noqa: ANN001, ANN202
+    import torch
+
+    b, (h, w), c = cfg.data.batch_size, cfg.data.crop_size, cfg.model.num_classes
+    gen = torch.Generator().manual_seed(1)
+    cell = 32  # label blocks of 32x32 pixels, so that ClassMix and the bank see class regions
+    label = torch.randint(0, c, (b, -(-h // cell), -(-w // cell)), generator=gen)
+    label = label.repeat_interleave(cell, 1).repeat_interleave(cell, 2)[:, :h, :w]
+    return {
+        "src_img": torch.randn(b, 3, h, w, generator=gen).to(device),
+        "src_label": label.contiguous().to(device),
+        "tgt_img": torch.randn(b, 3, h, w, generator=gen).to(device),
+    }
+
+
+def _profile(step, batch: dict, i: int, device) -> dict:  # noqa: ANN001
+    """Dispatches, launches, memsets, syncs and kernel time of one step."""
+    import torch
+    from torch.profiler import ProfilerActivity, profile
+
+    activities = [ProfilerActivity.CPU]
+    if device.type == "cuda":
+        activities.append(ProfilerActivity.CUDA)
+        torch.cuda.synchronize()
+    with profile(activities=activities) as prof:
+        step(batch, i)
+        if device.type == "cuda":
+            torch.cuda.synchronize()
+    dispatches = memsets = syncs = optimizer = 0
+    for evt in prof.events():
+        name = evt.name
+        in_optimizer = _under(evt, "Optimizer.step")
+        if name.startswith(INDUCTOR_KERNEL_PREFIXES):  # a compiled region's generated kernel
+            dispatches += 1
+            optimizer += in_optimizer
+            continue
+        if not name.startswith("aten::") or _under(evt.cpu_parent, MULTI_TENSOR_OPS):
+            continue
+        syncs += name in SYNC_OPS and not in_optimizer and not _under(evt, "aten::_assert_async")
+        if name.startswith(MULTI_TENSOR_OPS):  # one launch per ~100 tensors on CUDA
+            n = max(1, math.ceil(sum(c.name.startswith("aten::") for c in evt.cpu_children) / 110))
+        elif name in MEMSET_OPS:
+            memsets += 1
+            continue
+        elif name in VIEW_OPS or _does_work_below(evt):
+            continue  # no work, or a composite counted through its leaves
+        else:
+            n = 1
+        dispatches += n
+        optimizer += n * in_optimizer
+    out = {"dispatches": dispatches, "memsets": memsets, "syncs": syncs,
+           "optimizer_dispatches": optimizer}  # fmt: skip
+    if device.type == "cuda":
+        averages = prof.key_averages()
+        out["launches"] = sum(e.count for e in averages if e.key in LAUNCH_EVENTS)
+        out["kernel_s"] = sum(e.self_device_time_total for e in averages) / 1e6
+        out["syncs"] = _cuda_syncs(step, batch, i + 1)
+    return out
+
+
+def _does_work_below(evt) -> bool:  # noqa: ANN001
+    """Whether an ATen operator below `evt` does work (not a view, allocation or memset)."""
+    for child in evt.cpu_children:
+        name = child.name
+        if name.startswith("aten::") and (
+            (name not in VIEW_OPS and name not in MEMSET_OPS) or _does_work_below(child)
+        ):
+            return True
+    return False
+
+
+def _under(evt, prefixes: str | tuple[str, ...]) -> bool:  # noqa: ANN001
+    """Whether `evt` or one of its callers is named `prefixes...`: `Optimizer.step` (the for-loop
+    AdamW reads its step counters with `.item()`, host tensors on CUDA too) or
+    `aten::_assert_async` (reads its flag on the CPU, asynchronous on CUDA) are no syncs."""
+    while evt is not None:
+        if evt.name.startswith(prefixes):
+            return True
+        evt = evt.cpu_parent
+    return False
+
+
+def _cuda_syncs(step, batch: dict, i: int) -> int:  # noqa: ANN001
+    """Synchronising CUDA calls of one step, as `torch.cuda.set_sync_debug_mode` reports them."""
+    import torch
+
+    torch.cuda.synchronize()
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        torch.cuda.set_sync_debug_mode("warn")
+        try:
+            step(batch, i)
+        finally:
+            torch.cuda.set_sync_debug_mode("default")
+    torch.cuda.synchronize()
+    return sum("synchroniz" in str(w.message) for w in caught)
+
+
+def _recompiles() -> int:
+    try:
+        from torch._dynamo.utils import counters
+    except ImportError:
+        return 0
+    return int(counters["stats"]["unique_graphs"])
+
+
+def run_case(case: argparse.Namespace) -> dict:
+    import torch
+
+    torch.manual_seed(0)
+    device = torch.device(case.device)
+    if case.threads:
+        torch.set_num_threads(case.threads)
+    if case.profile and case.compile != "false" and device.type == "cpu":
+        import torch._inductor.config
+
+        torch._inductor.config.cpp.enable_kernel_profile = True  # kernels named in the profile
+    cfg, step = _build(case, device)
+    batch = _batch(cfg, device)
     sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
-    for i in range(args.warmup):
-        step(i)
+    t0 = time.perf_counter()
+    for i in range(case.warmup):
+        step(batch, i)
     sync()
+    warmup_s = time.perf_counter() - t0
+    graphs = _recompiles()
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats()
     times = []
-    for i in range(args.warmup, args.warmup + args.repeats):
+    first = case.warmup
+    for i in range(first, first + case.repeats):
         t0 = time.perf_counter()
-        step(i)
+        step(batch, i)
         sync()
         times.append(time.perf_counter() - t0)
+    s_per_it = statistics.median(times)
     peak = (torch.cuda.max_memory_allocated() / 2**20 if device.type == "cuda"
             else _vm_hwm_mb())  # fmt: skip
-    return {"s_per_it": statistics.median(times), "peak_mb": peak}
+    result = {"s_per_it": s_per_it, "peak_mb": peak,
+              "compile_s": max(warmup_s - case.warmup * s_per_it, 0.0) if case.compile != "false"
+              else None, "recompiles": _recompiles() - graphs}  # fmt: skip
+    if case.profile:
+        result |= _profile(step, batch, first + case.repeats, device)
+        if "kernel_s" in result:
+            result["busy"] = result["kernel_s"] / s_per_it
+    return result
+
+
+CASE_KEYS = ("precision", "compile", "method", "feat_dist", "resolution")
+# --table: the cases of the speed table in README ("Memory and speed"), for MiT-B5 on a GPU:
+# (method, instance-loss resolution, feature distance, precision, compile)
+TABLE = [
+    ("daformer", "feature", "off", "bf16", "false"),
+    ("daformer", "feature", "off", "fp32", "false"),
+    ("daformer", "feature", "on", "bf16", "false"),
+    ("dida", "feature", "off", "bf16", "false"),
+    ("dida", "feature", "on", "bf16", "false"),
+    ("dida", "input", "off", "bf16", "false"),
+    ("dida", "input", "on", "bf16", "false"),  # the DIDA reference preset
+    ("dida", "input", "on", "fp32", "false"),
+    ("daformer", "feature", "on", "bf16", "blocks"),
+    ("dida", "input", "on", "bf16", "blocks"),
+]
+
+
+def _cases(args: argparse.Namespace) -> list[dict]:
+    if args.table:
+        return [dict(zip(("method", "resolution", "feat_dist", "precision", "compile"), row,
+                         strict=True)) for row in TABLE]  # fmt: skip
+    cases = []
+    for precision, compile_, method, fd in itertools.product(
+        args.precision, args.compile, args.method, args.feat_dist
+    ):
+        for resolution in args.resolution if method == "dida" else ["feature"]:
+            cases.append({"precision": precision, "compile": compile_, "method": method,
+                          "feat_dist": fd, "resolution": resolution})  # fmt: skip
+    return cases
+
+
+def _fmt(value: object, spec: str) -> str:
+    return "–" if value is None else format(value, spec)
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser = argparse.ArgumentParser(
+        description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter,
+        epilog="\n\n".join(__doc__.split("\n\n")[1:]),
+    )  # fmt: skip
     parser.add_argument("--method", nargs="+", default=["daformer", "dida"],
                         choices=["source_only", "daformer", "dida"])  # fmt: skip
     parser.add_argument("--variant", default="mit_b0")
@@ -109,15 +339,20 @@ def main() -> None:
     parser.add_argument("--batch", type=int, default=2)
     parser.add_argument("--device", default="cpu")
     parser.add_argument("--precision", nargs="+", default=["fp32"],
-                        choices=["fp32", "bf16", "fp16"])  # fmt: skip
+                        choices=["auto", "fp32", "bf16", "fp16"])  # fmt: skip
     parser.add_argument(
-        "--resolution", nargs="+", default=["feature"], choices=["feature", "input"],
-        help="DIDA instance-loss resolution",
+        "--resolution", nargs="+", default=["input"], choices=["feature", "input"],
+        help="DIDA instance-loss resolution (input: the reference preset)",
     )  # fmt: skip
-    parser.add_argument(
-        "--feat-dist", action="store_true", help="with the ImageNet feature distance"
-    )
-    parser.add_argument("--compile", action="store_true", help="torch.compile the student")
+    parser.add_argument("--feat-dist", nargs="+", default=["off"], choices=["on", "off"],
+                        help="the ImageNet feature distance (a frozen second encoder)")  # fmt: skip
+    parser.add_argument("--compile", nargs="+", default=["false"],
+                        choices=["false", "blocks", "full"], help="train.compile")  # fmt: skip
+    parser.add_argument("--table", action="store_true",
+                        help="the README's speed table (10 cases) instead of the lists above")
+    parser.add_argument("--profile", action="store_true",
+                        help="also count dispatches, launches and syncs of one step")  # fmt: skip
+    parser.add_argument("--threads", type=int, default=0, help="torch threads (0: default)")
     parser.add_argument("--warmup", type=int, default=2)
     parser.add_argument("--repeats", type=int, default=5)
     parser.add_argument("--case", help=argparse.SUPPRESS)
@@ -127,31 +362,38 @@ def main() -> None:
         print(json.dumps(run_case(case)))
         return
     rows = []
-    for precision in args.precision:
-        for method in args.method:
-            for resolution in args.resolution if method == "dida" else ["-"]:
-                case = {"method": method, "precision": precision,
-                        "resolution": resolution if resolution != "-" else "feature"}  # fmt: skip
-                out = subprocess.run(
-                    [sys.executable, __file__, "--case", json.dumps(case),
-                     *sys.argv[1:]], capture_output=True, text=True,
-                )  # fmt: skip
-                if out.returncode != 0:
-                    print(out.stderr, file=sys.stderr)
-                    raise SystemExit(f"case {case} failed")
-                result = json.loads(out.stdout.strip().splitlines()[-1])
-                rows.append((method, resolution, precision, result))
-    mem = "peak CUDA MB" if args.device.startswith("cuda") else "peak RSS MB"
-    extras = (", compiled" if args.compile else "") + (
-        ", feature distance on" if args.feat_dist else ", feature distance off"
-    )
-    print(f"\n{args.variant}, crop {args.crop}, batch {args.batch}, {args.device}{extras}")
-    print(f"| method | instance resolution | precision | s/it | {mem} |")
-    print("|---|---|---|---|---|")
-    for method, resolution, precision, r in rows:
-        print(
-            f"| {method} | {resolution} | {precision} | {r['s_per_it']:.3f} | {r['peak_mb']:.0f} |"
-        )
+    for case in _cases(args):
+        out = subprocess.run([sys.executable, __file__, "--case", json.dumps(case), *sys.argv[1:]],
+                             capture_output=True, text=True)  # fmt: skip
+        if out.returncode != 0:
+            print(out.stderr, file=sys.stderr)
+            raise SystemExit(f"case {case} failed")
+        rows.append((case, json.loads(out.stdout.strip().splitlines()[-1])))
+        print(f"done: {case} -> {rows[-1][1]}", file=sys.stderr, flush=True)
+    cuda = args.device.startswith("cuda")
+    mem = "peak CUDA MB" if cuda else "peak RSS MB"
+    print(f"\n{args.variant}, crop {args.crop}, batch {args.batch}, {args.device}"
+          f"{f', {args.threads} threads' if args.threads else ''}")  # fmt: skip
+    head = ["method", "L_in resolution", "FD", "precision", "compile", "s/it", mem, "compile s"]
+    if args.profile:
+        head += ["dispatches (optimizer)", "memsets"]
+        head += (["launches", "GPU busy"] if cuda else []) + ["syncs"]
+    print("| " + " | ".join(head) + " |")
+    print("|" + "---|" * len(head))
+    for case, r in rows:
+        res = case["resolution"] if case["method"] == "dida" else "–"
+        cells = [case["method"], res, case["feat_dist"], case["precision"], case["compile"],
+                 f"{r['s_per_it']:.3f}", f"{r['peak_mb']:.0f}", _fmt(r.get("compile_s"), ".0f")]
+        if args.profile:
+            opt = r.get("optimizer_dispatches", "?")
+            cells += [f"{r['dispatches']} ({opt})", str(r["memsets"])]
+            if cuda:
+                cells += [str(r.get("launches")), _fmt(r.get("busy"), ".0%")]
+            cells.append(str(r["syncs"]))
+        print("| " + " | ".join(cells) + " |")  # fmt: skip
+    recompiled = [(c, r["recompiles"]) for c, r in rows if r.get("recompiles")]
+    for case, n in recompiled:
+        print(f"warning: {n} graph(s) compiled during the timed steps of {case}")
 
 
 if __name__ == "__main__":
