@@ -131,3 +131,43 @@ def test_blur_per_image_sigma_and_constant_image() -> None:
     y = gaussian_blur(x, torch.tensor([0.15, 1.15]))
     assert (y[1] - x[1]).abs().mean() > (y[0] - x[0]).abs().mean()
     assert math.isfinite(y.sum().item())
+
+
+def test_batched_jitter_equals_each_image_in_its_own_order() -> None:
+    """The batched jitter (each op on the whole batch, kept per image) equals applying each
+    image's four ops in its own order, one image at a time (the kornia 0.5.8 loop)."""
+    from kornia.enhance import adjust_brightness, adjust_contrast, adjust_hue, adjust_saturation
+
+    x = denorm(_imgs(size=16)).repeat(3, 1, 1, 1)[:5]  # 5 images
+    g = torch.Generator().manual_seed(0)
+    u = lambda lo, hi: torch.rand(5, generator=g) * (hi - lo) + lo  # noqa: E731
+    orders = torch.stack([torch.randperm(4, generator=g) for _ in range(5)])
+    params = JitterParams(u(0.8, 1.2), u(0.8, 1.2), u(0.8, 1.2), u(-0.2, 0.2), orders)
+    out = apply_color_jitter(x, params)
+    for i in range(5):
+        img, s = x[i : i + 1], slice(i, i + 1)
+        ops = [lambda t: adjust_brightness(t, params.brightness[s] - 1),  # noqa: B023
+               lambda t: adjust_contrast(t, params.contrast[s]),  # noqa: B023
+               lambda t: adjust_saturation(t, params.saturation[s]),  # noqa: B023
+               lambda t: adjust_hue(t, params.hue[s] * 2 * math.pi)]  # noqa: B023  # fmt: skip
+        for op in orders[i].tolist():
+            img = ops[op](img)
+        torch.testing.assert_close(out[i : i + 1], img, rtol=0, atol=1e-6)
+
+
+def test_decisions_and_order_come_from_the_host_generator() -> None:
+    """The host generator draws the two decisions and the op order (so the host never reads a
+    device draw); the device generator draws only the per-image factors and sigmas."""
+    x = _imgs()
+    host = torch.Generator().manual_seed(1)
+    y = strong_augment(x, color_jitter_p=0.0, generator=torch.Generator().manual_seed(2),
+                       host_generator=host)  # fmt: skip
+    replay = torch.Generator().manual_seed(1)
+    torch.rand(2, generator=replay)  # jitter and blur decisions
+    torch.rand(2, 4, generator=replay)  # the op order of the two images
+    assert torch.equal(host.get_state(), replay.get_state())
+    same = strong_augment(x, color_jitter_p=0.0, generator=torch.Generator().manual_seed(2),
+                          host_generator=torch.Generator().manual_seed(1))  # fmt: skip
+    other = strong_augment(x, color_jitter_p=0.0, generator=torch.Generator().manual_seed(3),
+                           host_generator=torch.Generator().manual_seed(1))  # fmt: skip
+    assert torch.equal(y, same) and not torch.equal(y, other)

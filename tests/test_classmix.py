@@ -97,3 +97,22 @@ def test_mix_is_arithmetic_for_soft_masks_and_validates_shapes() -> None:
         mix(masks, torch.ones(1, 2, 2), torch.ones(1, 2, 2, dtype=torch.int64))
     with pytest.raises(ValueError, match="spatial"):
         mix(masks, torch.ones(1, 3, 4, 4), torch.ones(1, 3, 4, 4))
+
+
+def test_with_num_classes_the_ignore_label_is_one_candidate_and_nothing_is_read() -> None:
+    """`num_classes` given: every label outside [0, C) is the one ignore candidate, ceil(n/2) of
+    the batch's n candidates per image, and the sampling reads no value back to the host."""
+    from torch.profiler import profile
+
+    labels = _labels_all_classes()  # {0, 1, 2, 3, 255}: n = 5 -> 3 chosen
+    g = torch.Generator().manual_seed(3)
+    for _ in range(10):
+        masks = sample_class_masks(labels, g, num_classes=19)
+        for b in range(2):
+            chosen = _chosen_classes(masks[b], labels[b])
+            assert len(chosen) == 3
+            assert torch.equal(masks[b].bool(), torch.isin(labels[b], torch.tensor(sorted(chosen))))
+    with profile() as prof:
+        sample_class_masks(labels, g, num_classes=19)
+    names = {e.name for e in prof.events()}
+    assert not names & {"aten::_local_scalar_dense", "aten::nonzero", "aten::_unique2"}

@@ -212,6 +212,9 @@ def test_state_dict_round_trip() -> None:
     assert int(fresh.count) == int(bank.count) > 0
     assert torch.equal(fresh.feats, bank.feats) and torch.equal(fresh.labels, bank.labels)
     assert fresh.count.dtype == torch.long and fresh.count.dim() == 0
+    # the host's copy of the count (is_full never reads the device) follows the loaded buffer
+    assert fresh.filled == bank.filled == int(bank.count)
+    assert fresh.is_full == bank.is_full
 
 
 def test_load_checks_shapes_and_labels() -> None:

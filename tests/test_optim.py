@@ -66,3 +66,22 @@ def test_set_lr_scales_every_group() -> None:
     lrs = sorted({round(g["lr"], 12) for g in opt.param_groups})
     assert lrs == [pytest.approx(3e-5), pytest.approx(3e-4)]
     assert isinstance(opt, torch.optim.AdamW)
+
+
+def test_optimizer_is_fused_and_equals_the_for_loop_adamw() -> None:
+    cfg = OptimConfig(lr=1e-3, warmup_iters=0)
+    models = [nn.Sequential(nn.Linear(4, 3), nn.LayerNorm(3)) for _ in range(2)]
+    models[1].load_state_dict(models[0].state_dict())
+    fused = build_optimizer(models[0], cfg)
+    assert fused.defaults["fused"]
+    loop = torch.optim.AdamW(param_groups(models[1], cfg), lr=cfg.lr, betas=tuple(cfg.betas),
+                             weight_decay=cfg.weight_decay, foreach=False)  # fmt: skip
+    g = torch.Generator().manual_seed(0)
+    for _ in range(3):
+        for p, q in zip(models[0].parameters(), models[1].parameters(), strict=True):
+            p.grad = torch.randn(p.shape, generator=g)
+            q.grad = p.grad.clone()
+        fused.step()
+        loop.step()
+    for p, q in zip(models[0].parameters(), models[1].parameters(), strict=True):
+        torch.testing.assert_close(p, q, rtol=0, atol=1e-6)

@@ -2,8 +2,10 @@
 
 Reproduces DACS `strong_transform` with kornia 0.5.8 `ColorJitter` semantics: brightness (additive
 `factor - 1`), contrast, saturation ~ U[1-s, 1+s] and hue ~ U[-s, s] of the hue circle, applied in a
-random order drawn per image, each op clamped to [0, 1]. All randomness comes from an explicit
-`torch.Generator`.
+random order drawn per image, each op clamped to [0, 1]. All randomness comes from explicit
+`torch.Generator`s: the per-image factors from the (device) `generator`, the draws the host branches
+on (whether an op fires, the op order) from a `host_generator` on the CPU, so that augmenting never
+waits for the device.
 
 Blur kernel: the reference uses `floor(ceil(0.1 L) - 0.5 + ceil(0.1 L) mod 2)` per axis (51 at 512).
 We cap it at `max_kernel_size=11`: for sigma <= 1.15 the Gaussian mass beyond radius 5 is < 1e-6, so
@@ -13,7 +15,7 @@ the result equals the 51x51 blur to ~1e-6 of the [0, 1] range (NOTES.md) at a fr
 from __future__ import annotations
 
 import math
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass
 
 import torch
@@ -76,6 +78,19 @@ def _uniform(
     return (torch.rand(n, generator=generator, device=rng_device) * (high - low) + low).to(device)
 
 
+def _host_rand(
+    shape: tuple[int, ...],
+    generator: torch.Generator | None,
+    host_generator: torch.Generator | None,
+) -> torch.Tensor:
+    """U[0, 1) draws on the CPU: from `host_generator`, else from `generator` (when that lives
+    on a GPU, the copy to the host waits for the device)."""
+    if host_generator is not None:
+        return torch.rand(shape, generator=host_generator)
+    device = generator.device if generator is not None else "cpu"
+    return torch.rand(shape, generator=generator, device=device).cpu()
+
+
 def _gaussian_kernels_1d(sigma: torch.Tensor, size: int) -> torch.Tensor:
     """Normalised 1-D Gaussian kernels as in kornia `get_gaussian_kernel1d` (odd `size`).
 
@@ -127,18 +142,34 @@ def sample_jitter_params(
     strength: float,
     generator: torch.Generator | None = None,
     device: torch.device | str = "cpu",
+    host_generator: torch.Generator | None = None,
 ) -> JitterParams:
-    """Draw brightness/contrast/saturation ~ U[1-s, 1+s], hue ~ U[-s, s], an op order per image."""
+    """Draw brightness/contrast/saturation ~ U[1-s, 1+s], hue ~ U[-s, s], an op order per image.
+
+    The factors come from `generator` on `device`, the order (which the host needs) from
+    `host_generator` (see `_host_rand`).
+    """
     dev = torch.device(device)
     s = strength
     brightness = _uniform(batch, max(1 - s, 0.0), 1 + s, generator, dev)
     contrast = _uniform(batch, max(1 - s, 0.0), 1 + s, generator, dev)
     saturation = _uniform(batch, max(1 - s, 0.0), 1 + s, generator, dev)
     hue = _uniform(batch, -s, s, generator, dev)
-    rng_device = generator.device if generator is not None else "cpu"
-    scores = torch.rand(batch, 4, generator=generator, device=rng_device)  # [B, 4]
-    order = scores.argsort(dim=1).cpu()  # [B, 4] a uniform random permutation per image
+    scores = _host_rand((batch, 4), generator, host_generator)  # [B, 4]
+    order = scores.argsort(dim=1)  # [B, 4] a uniform random permutation per image
     return JitterParams(brightness, contrast, saturation, hue, order)
+
+
+def _jitter_op(op: int, imgs: torch.Tensor, params: JitterParams) -> torch.Tensor:
+    """Jitter op `op` (0 brightness, 1 contrast, 2 saturation, 3 hue) on the whole batch, with
+    each image's own factor."""
+    if op == 0:
+        return adjust_brightness(imgs, params.brightness - 1)
+    if op == 1:
+        return adjust_contrast(imgs, params.contrast)
+    if op == 2:
+        return adjust_saturation(imgs, params.saturation)
+    return adjust_hue(imgs, params.hue * 2 * math.pi)
 
 
 def apply_color_jitter(imgs: torch.Tensor, params: JitterParams) -> torch.Tensor:
@@ -146,35 +177,44 @@ def apply_color_jitter(imgs: torch.Tensor, params: JitterParams) -> torch.Tensor
 
     Brightness is additive (`+ factor - 1`), contrast multiplicative, saturation scales the HSV
     saturation, hue rotates by `hue * 2π` radians (kornia 0.5.8 `ColorJitter.apply_transform`).
+    Batched: at each of the four positions every op some image has there runs on the whole
+    batch, and each image keeps the result of its own op (no loop over images).
 
     Shapes:
         imgs: [B, 3, H, W] in [0, 1]; returned: [B, 3, H, W]
     """
-    out = []
-    for i in range(imgs.shape[0]):
-        sl = slice(i, i + 1)
-        ops: list[Callable[[torch.Tensor], torch.Tensor]] = [
-            lambda x, sl=sl: adjust_brightness(x, params.brightness[sl] - 1),
-            lambda x, sl=sl: adjust_contrast(x, params.contrast[sl]),
-            lambda x, sl=sl: adjust_saturation(x, params.saturation[sl]),
-            lambda x, sl=sl: adjust_hue(x, params.hue[sl] * 2 * math.pi),
-        ]
-        img = imgs[sl]  # [1, 3, H, W]
-        for idx in params.order[i].tolist():
-            img = ops[idx](img)
-        out.append(img)
-    return torch.cat(out, dim=0)
+    order_dev = None
+    out = imgs
+    for position in range(params.order.shape[1]):
+        ops = params.order[:, position]  # [B] on the host
+        present = sorted(set(ops.tolist()))
+        if len(present) == 1:
+            out = _jitter_op(present[0], out, params)
+            continue
+        if order_dev is None:
+            order_dev = params.order.to(imgs.device, non_blocking=True)
+        mixed = out
+        for op in present:
+            hit = (order_dev[:, position] == op).view(-1, 1, 1, 1)  # [B, 1, 1, 1]
+            mixed = torch.where(hit, _jitter_op(op, out, params), mixed)
+        out = mixed
+    return out
 
 
 def color_jitter(
-    imgs: torch.Tensor, strength: float, generator: torch.Generator | None = None
+    imgs: torch.Tensor,
+    strength: float,
+    generator: torch.Generator | None = None,
+    host_generator: torch.Generator | None = None,
 ) -> torch.Tensor:
     """kornia-0.5.8-style ColorJitter on [0, 1] images, factors and op order drawn per image.
 
     Shapes:
         imgs: [B, 3, H, W] in [0, 1]; returned: [B, 3, H, W]
     """
-    params = sample_jitter_params(imgs.shape[0], strength, generator, imgs.device)
+    params = sample_jitter_params(
+        imgs.shape[0], strength, generator, imgs.device, host_generator
+    )
     return apply_color_jitter(imgs, params)
 
 
@@ -188,10 +228,12 @@ def strong_augment(
     blur: bool = True,
     generator: torch.Generator | None = None,
     max_kernel_size: int | None = 11,
+    host_generator: torch.Generator | None = None,
 ) -> torch.Tensor:
     """DACS strong view: colour jitter iff a batch draw cj > p, then blur iff a draw bl > 0.5.
 
-    The input is never modified in place; when neither op fires it is returned as is.
+    The input is never modified in place; when neither op fires it is returned as is. The two
+    decisions and the jitter order are host draws (`host_generator`, see `_host_rand`).
 
     Shapes:
         imgs: [B, 3, H, W] normalised; returned: [B, 3, H, W] normalised
@@ -201,12 +243,13 @@ def strong_augment(
             f"imgs must be a float [B, 3, H, W] tensor, got {imgs.dtype} {tuple(imgs.shape)}"
         )
     # one draw per batch for each decision, as the reference draws once per iteration
-    cj, bl = _uniform(2, 0.0, 1.0, generator, torch.device("cpu")).tolist()
+    cj, bl = _host_rand((2,), generator, host_generator).tolist()
     out = imgs
     if cj > color_jitter_p:
-        out = renorm(
-            color_jitter(denorm(out, mean, std), color_jitter_strength, generator), mean, std
+        jittered = color_jitter(
+            denorm(out, mean, std), color_jitter_strength, generator, host_generator
         )
+        out = renorm(jittered, mean, std)
     if blur and bl > 0.5:
         sigma = _uniform(imgs.shape[0], *BLUR_SIGMA_RANGE, generator, imgs.device)
         out = gaussian_blur(out, sigma, max_kernel_size)

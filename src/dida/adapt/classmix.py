@@ -10,12 +10,18 @@ import torch
 
 
 def sample_class_masks(
-    labels: torch.Tensor, generator: torch.Generator | None = None
+    labels: torch.Tensor,
+    generator: torch.Generator | None = None,
+    num_classes: int | None = None,
 ) -> torch.Tensor:
     """Per image, choose ceil(n/2) of the batch's n classes and mask that image's pixels of them.
 
     Classes are drawn uniformly without replacement, one independent draw per image. Classes that
     do not occur in image b still count as choices for it (as in the reference).
+
+    With `num_classes`, every label outside [0, num_classes) (the ignore label) is one more
+    candidate, and nothing waits for the device: the candidates are a [B, num_classes + 1] table
+    whose absent entries rank last. Without it the table spans 0..max(labels) (one host read).
 
     Shapes:
         labels: [B, H, W] int64
@@ -25,20 +31,27 @@ def sample_class_masks(
         raise ValueError(
             f"labels must be an integer [B, H, W] tensor, got {labels.dtype} {tuple(labels.shape)}"
         )
-    if labels.numel() and labels.min() < 0:
-        raise ValueError(f"labels must be non-negative (trainIds or ignore), got {labels.min()}")
+    if num_classes is None:
+        if labels.numel() and labels.min() < 0:
+            raise ValueError(
+                f"labels must be non-negative (trainIds or ignore), got {labels.min()}"
+            )
+        bins, values = labels, int(labels.max()) + 1 if labels.numel() else 1
+    else:
+        valid = (labels >= 0) & (labels < num_classes)
+        bins, values = torch.where(valid, labels, num_classes), num_classes + 1
     b = labels.shape[0]
-    flat = labels.flatten(1)  # [B, H*W]
-    present = torch.bincount(flat.flatten()) > 0  # [V]; a bincount instead of a sort (unique)
-    classes = present.nonzero().flatten()  # [n], sorted as torch.unique would give
-    n = classes.numel()
-    n_chosen = (n + 1) // 2
-    # argsort of iid uniforms = uniform random permutation; its first n_chosen ranks are chosen
+    flat = bins.flatten(1)  # [B, H*W]
+    seen = torch.zeros(values, device=labels.device).index_fill_(0, flat.flatten(), 1.0)
+    present = seen > 0  # [V] label values of the whole batch
+    n_chosen = (present.sum() + 1) // 2  # ceil(n / 2), on the device
+    # argsort of iid uniforms = uniform random permutation; absent values rank after the present
+    # ones, so the first n_chosen ranks are a uniform choice among the present classes
     rng_device = generator.device if generator is not None else labels.device
-    scores = torch.rand(b, n, generator=generator, device=rng_device).to(labels.device)  # [B, n]
-    ranks = scores.argsort(dim=1).argsort(dim=1)  # [B, n] rank of each class per image
-    table = torch.zeros(b, present.numel(), device=labels.device)  # [B, V] label value -> chosen
-    table[:, classes] = (ranks < n_chosen).float()
+    scores = torch.rand(b, values, generator=generator, device=rng_device).to(labels.device)
+    scores = scores.masked_fill(~present, 2.0)  # [B, V]
+    ranks = scores.argsort(dim=1).argsort(dim=1)  # [B, V] rank of each value per image
+    table = (ranks < n_chosen).float()  # [B, V] label value -> chosen
     masks = table.gather(1, flat)  # [B, H*W]
     return masks.view_as(labels)  # [B, H, W]
 

@@ -30,6 +30,7 @@ from dida.config import HRDAConfig, MethodConfig
 from dida.data.transforms import IMG_MEAN, IMG_STD
 from dida.eval.inference import resize
 from dida.models.hrda import HRDAOutput, HRDASegmentor, crop_to_box
+from dida.models.precision import LowPrecisionCopy, cast_weights_
 
 Backward = Callable[[torch.Tensor], None]
 
@@ -39,11 +40,18 @@ def at_least_fp32(x: torch.Tensor) -> torch.Tensor:
     return x if x.dtype in (torch.float32, torch.float64) else x.float()
 
 
+Metric = torch.Tensor | float
+
+
 @dataclass
 class StepLog:
-    """What one training step reports: float metrics and, on debug iterations, detached images."""
+    """What one training step reports: metrics and, on debug iterations, detached images.
 
-    losses: dict[str, float]
+    Metrics are detached 0-d tensors on the step's device (or floats), read by the engine only
+    at log intervals, so that a step never waits for the device.
+    """
+
+    losses: dict[str, Metric]
     images: dict[str, torch.Tensor] = field(default_factory=dict)
 
 
@@ -52,7 +60,7 @@ class SourceOutput:
     logits: torch.Tensor  # [B, C, H, W] upsampled to the crop, with graph
     embed: torch.Tensor  # [B, D, h, w] fused feature at 1/4 resolution, with graph
     loss: torch.Tensor
-    metrics: dict[str, float]
+    metrics: dict[str, Metric]
     output: HRDAOutput | None = None  # HRDA: the detached forward (F_lr, F_hr, detail box)
 
 
@@ -91,7 +99,9 @@ class SourceOnly(nn.Module):
         img_mean, img_std: normalisation on the 0..255 scale, for the photometric augmentation.
         hrda: HRDA loss and feature-distance settings (`model.hrda`), used when `student` is an
             `HRDASegmentor` (defaults if None).
-        generator: torch RNG for all of the method's random draws.
+        generator: torch RNG for all of the method's random draws on the device; the draws the
+            host branches on (augmentation decisions) come from `host_generator`: the same
+            generator on the CPU, a CPU generator seeded alike for a GPU generator.
     """
 
     def __init__(
@@ -115,6 +125,9 @@ class SourceOnly(nn.Module):
         self.ignore_index = ignore_index
         self.img_mean, self.img_std = img_mean, img_std
         self.generator = generator
+        self.host_generator = generator
+        if generator is not None and generator.device.type != "cpu":
+            self.host_generator = torch.Generator().manual_seed(generator.initial_seed())
         self.imnet = imnet_encoder
         if self.imnet is not None:
             self.imnet.requires_grad_(False).eval()
@@ -132,6 +145,22 @@ class SourceOnly(nn.Module):
             self.imnet.eval()
         return self
 
+    def use_low_precision_weights(self, dtype: torch.dtype) -> None:
+        """16-bit matmul/conv weights for the frozen models' forwards under autocast to `dtype`
+        (autocast then casts none of them per forward; outputs unchanged): the ImageNet encoder
+        is cast in place, each EMA teacher keeps a copy its update refreshes. Call it once the
+        method is on its device."""
+        if self.imnet is not None:
+            cast_weights_(self.imnet, dtype)
+        for module in self.modules():
+            if isinstance(module, EMATeacher):
+                module.use_low_precision_copy(dtype)
+
+    def low_precision_copies(self) -> list[LowPrecisionCopy]:
+        """The EMA teachers' low-precision copies (not submodules: not in the state dict)."""
+        return [m.low_precision for m in self.modules()
+                if isinstance(m, EMATeacher) and m.low_precision is not None]  # fmt: skip
+
     def update_teacher(self, iteration: int) -> None:
         """Nothing to do without a teacher."""
 
@@ -139,7 +168,7 @@ class SourceOnly(nn.Module):
         self, batch: dict[str, torch.Tensor], iteration: int, backward: Backward, want_images: bool
     ) -> StepLog:
         src = self.source_step(batch["src_img"], batch["src_label"], backward)
-        log = {"src.loss_seg": src.loss.item()}
+        log = {"src.loss_seg": src.loss}
         images = {}
         if want_images:
             images = {"src_img": batch["src_img"], "src_label": batch["src_label"],
@@ -154,12 +183,12 @@ class SourceOnly(nn.Module):
         src = self._seg_forward_loss(src_img, src_label, None, return_features=use_fd)
         with torch.no_grad():
             logits = resize(src.logits.detach(), src_label.shape[-2:])
-        metrics = {"src.acc_seg": accuracy(logits, src_label, self.ignore_index).item()}
-        metrics |= {f"src.{k}": v.item() for k, v in src.terms.items() if k != "loss_seg"}
+        metrics = {"src.acc_seg": accuracy(logits, src_label, self.ignore_index)}
+        metrics |= {f"src.{k}": v.detach() for k, v in src.terms.items() if k != "loss_seg"}
         total = src.loss
         if use_fd:
             fd = self.feature_distance(src_img, src_label, src)
-            metrics["src.loss_feat_dist"] = fd.item()
+            metrics["src.loss_feat_dist"] = fd.detach()
             total = total + fd
         backward(total)
         return SourceOutput(
@@ -280,10 +309,10 @@ class DAFormer(SourceOnly):
         backward(mixed.loss + extra if extra is not None else mixed.loss)
         with torch.no_grad():
             mixed_pred = resize(mixed.logits.detach(), mixed_label.shape[-2:])
-        log = {"src.loss_seg": src.loss.item(), **src.metrics,
-               **{f"mix.{k}": v.item() for k, v in mixed.terms.items()},
-               "mix.acc_seg": accuracy(mixed_pred, mixed_label).item(),
-               "pseudo.weight": teacher.weight.amax().item(), **extra_log}  # fmt: skip
+        log = {"src.loss_seg": src.loss, **src.metrics,
+               **{f"mix.{k}": v.detach() for k, v in mixed.terms.items()},
+               "mix.acc_seg": accuracy(mixed_pred, mixed_label),
+               "pseudo.weight": teacher.weight.amax(), **extra_log}  # fmt: skip
         masked_img = None
         if self.cfg.mic.enabled:
             masked_img, mic_log = self.mic_step(tgt_img, teacher, backward)
@@ -299,7 +328,7 @@ class DAFormer(SourceOnly):
 
     def mic_step(
         self, tgt_img: torch.Tensor, teacher: TeacherOutput, backward: Backward
-    ) -> tuple[torch.Tensor, dict[str, float]]:
+    ) -> tuple[torch.Tensor, dict[str, Metric]]:
         """MIC: the target, colour-augmented (`mode=target_aug`) and block-masked, trained with
         the teacher's pseudo-labels and their unmixed weights (all CE terms × `mic.weight`)."""
         mic, aug = self.cfg.mic, self.cfg.aug
@@ -321,7 +350,7 @@ class DAFormer(SourceOnly):
         )  # fmt: skip
         extra, extra_log = self.masked_extra_loss(res.output, teacher)
         backward(res.loss + extra if extra is not None else res.loss)
-        return masked_img, {**{k: v.item() for k, v in res.terms.items()}, **extra_log}
+        return masked_img, {**res.terms, **extra_log}
 
     @torch.no_grad()
     def pseudo_labels(
@@ -382,7 +411,7 @@ class DAFormer(SourceOnly):
         teacher: TeacherOutput,
     ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
         """ClassMix of source onto target, then colour jitter and blur of the mixed image (§2.5)."""
-        masks = sample_class_masks(src_label, self.generator)  # [B, H, W]
+        masks = sample_class_masks(src_label, self.generator, self.num_classes)  # [B, H, W]
         mixed_img = mix(masks, src_img, tgt_img)
         mixed_label = mix(masks, src_label, teacher.label)
         mixed_weight = mix(masks, torch.ones_like(teacher.weight), teacher.weight)
@@ -394,7 +423,8 @@ class DAFormer(SourceOnly):
         return dict(mean=self.img_mean, std=self.img_std,
                     color_jitter_strength=aug.color_jitter_strength,
                     color_jitter_p=aug.color_jitter_p, blur=aug.blur,
-                    max_kernel_size=aug.blur_max_kernel, generator=self.generator)  # fmt: skip
+                    max_kernel_size=aug.blur_max_kernel, generator=self.generator,
+                    host_generator=self.host_generator)  # fmt: skip
 
     def after_source_step(self, src: SourceOutput, src_label: torch.Tensor, iteration: int) -> None:
         """Hook for methods that learn from the source features (DIDA's bank)."""
@@ -410,14 +440,14 @@ class DAFormer(SourceOnly):
         teacher: TeacherOutput,
         masks: torch.Tensor,
         output: HRDAOutput | None = None,
-    ) -> tuple[torch.Tensor | None, dict[str, float]]:
+    ) -> tuple[torch.Tensor | None, dict[str, Metric]]:
         """Hook for extra losses on the mixed forward (DIDA's instance loss); `output` is the
         HRDA forward (`mixed_logits` are then its fused logits, `mixed_embed` its F_lr)."""
         return None, {}
 
     def masked_extra_loss(
         self, output: HRDAOutput | tuple[torch.Tensor, ...], teacher: TeacherOutput
-    ) -> tuple[torch.Tensor | None, dict[str, float]]:
+    ) -> tuple[torch.Tensor | None, dict[str, Metric]]:
         """Hook for extra losses on MIC's masked forward (DIDA's `compose.mic_view`)."""
         return None, {}
 
@@ -429,6 +459,8 @@ class DAFormer(SourceOnly):
         state = super().training_state() | {"teacher": self.teacher.state_dict()}
         if self.mic_teacher is not None:
             state["mic_teacher"] = self.mic_teacher.state_dict()
+        if self.host_generator is not self.generator:  # the engine saves `generator` itself
+            state["method"] = {"host_rng": self.host_generator.get_state()}
         return state
 
     def load_training_state(self, ckpt: dict) -> None:
@@ -436,6 +468,9 @@ class DAFormer(SourceOnly):
         self.teacher.load_state_dict(ckpt["teacher"])
         if self.mic_teacher is not None:
             self.mic_teacher.load_state_dict(ckpt["mic_teacher"])
+        host_rng = (ckpt.get("method") or {}).get("host_rng")
+        if host_rng is not None and self.host_generator is not self.generator:
+            self.host_generator.set_state(host_rng)
 
 
 def _detach(images: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:

@@ -187,20 +187,20 @@ class DIDA(DAFormer):
         teacher: TeacherOutput,
         masks: torch.Tensor,
         output: HRDAOutput | None = None,
-    ) -> tuple[torch.Tensor | None, dict[str, float]]:
+    ) -> tuple[torch.Tensor | None, dict[str, torch.Tensor | float]]:
         """L_in on the mixed forward (§3.7); nothing until the bank is full (nor with
         `compose.mic_view=only`, which moves it to the masked view)."""
         if not all(bank.is_full for bank in self.banks):
-            return None, {"instance.bank_filled": float(self.bank.count)}
+            return None, {"instance.bank_filled": float(self.bank.filled)}
         if self.cfg.compose.mic_view == "only":
             return None, {}
         views = self.instance_views(mixed_logits, mixed_embed, teacher, masks, output)
         loss = self._instance_loss_sum(views, self.cfg.instance.weight)
-        return loss, {"instance.loss_in": loss.item()}
+        return loss, {"instance.loss_in": loss.detach()}
 
     def masked_extra_loss(
         self, output: HRDAOutput | tuple[torch.Tensor, ...], teacher: TeacherOutput
-    ) -> tuple[torch.Tensor | None, dict[str, float]]:
+    ) -> tuple[torch.Tensor | None, dict[str, torch.Tensor | float]]:
         """L_in on MIC's masked target (`compose.mic_view` add/only), λ = `mic_inst_lambda`,
         against the teacher's view of the same unmasked target (spatially aligned, all pixels)."""
         if self.cfg.compose.mic_view == "none" or not all(b.is_full for b in self.banks):
@@ -210,7 +210,7 @@ class DIDA(DAFormer):
         else:
             views = self.instance_views(output[0], output[1], teacher, None, None)
         loss = self._instance_loss_sum(views, self.cfg.compose.mic_inst_lambda)
-        return loss, {"instance.masked.loss_in": loss.item()}
+        return loss, {"instance.masked.loss_in": loss.detach()}
 
     def instance_views(
         self,
@@ -300,14 +300,15 @@ class DIDA(DAFormer):
             eps=icfg.eps, log_eps=icfg.log_eps, weight=weight,
             out_size=None if size == feat else size, pixel_mask=pixel_mask,
             calibrate_source=icfg.calibrate_source, safe=icfg.safe_normaliser,
-            chunk_size=icfg.chunk_size,
+            chunk_size=icfg.chunk_size, chunk_bytes=icfg.chunk_memory_mb * 2**20,
         )  # fmt: skip
 
     def training_state(self) -> dict:
-        banks = {"bank": self.bank.state_dict()}
+        state = super().training_state()
+        state["method"] = state.get("method", {}) | {"bank": self.bank.state_dict()}
         if self.bank_hr is not None:
-            banks["bank_hr"] = self.bank_hr.state_dict()
-        return super().training_state() | {"method": banks}
+            state["method"]["bank_hr"] = self.bank_hr.state_dict()
+        return state
 
     def load_training_state(self, ckpt: dict) -> None:
         super().load_training_state(ckpt)

@@ -10,6 +10,8 @@ computed in row chunks whose gradients are accumulated during forward to bound t
 from __future__ import annotations
 
 import functools
+import math
+from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
@@ -35,9 +37,9 @@ def _sum_normalise(
         sim = sim.clamp_min(0)
         return sim / (sim.sum(dim=dim, keepdim=True) + eps), None
     den = sim.sum(dim=dim, keepdim=True)
-    ok = den != 0
-    out = torch.where(ok, sim / torch.where(ok, den, torch.ones_like(den)), torch.zeros_like(sim))
-    return out, ok.squeeze(dim)
+    zero = den == 0
+    out = (sim / den.masked_fill(zero, 1.0)).masked_fill(zero, 0.0)
+    return out, ~zero.squeeze(dim)
 
 
 def _normalise(
@@ -160,18 +162,68 @@ def smooth_probs(
     return a_smooth * probs + (1.0 - a_smooth) * agg
 
 
-def _source_rows(r0: int, r1: int, h: int, out_h: int, device: torch.device):
-    """Source rows and weights of output rows r0:r1 for bilinear, align_corners=False resizing."""
-    y = torch.arange(r0, r1, device=device, dtype=torch.float64)
-    src = ((y + 0.5) * (h / out_h) - 0.5).clamp_min(0)
-    i0 = src.floor().long().clamp_max(h - 1)
-    i1 = (i0 + 1).clamp_max(h - 1)
-    return i0, i1, src - i0.to(src.dtype)
+@dataclass(frozen=True)
+class _Chunk:
+    """Output rows r0:r1 of the loss and the source rows lo:hi they interpolate from."""
+
+    r0: int
+    r1: int
+    lo: int
+    hi: int
 
 
-def _rows(
-    slab: torch.Tensor, i0: torch.Tensor, i1: torch.Tensor, lam: torch.Tensor, out_w: int
-) -> torch.Tensor:
+@dataclass(frozen=True)
+class _RowPlan:
+    """Bilinear row taps of every output row (bilinear, align_corners=False), planned on the
+    host and stored once per device: `i0`, `i1` index the chunk's source slab, `lam` weights.
+
+    Shapes: i0, i1: [out_h] int64; lam: [out_h] (the similarities' dtype)
+    """
+
+    chunks: tuple[_Chunk, ...]
+    i0: torch.Tensor
+    i1: torch.Tensor
+    lam: torch.Tensor
+    identity: bool  # same height: every output row is its own source row
+
+
+_PLANS: dict[tuple, _RowPlan] = {}
+
+
+def _plan_rows(
+    h: int, out_h: int, rows: int, device: torch.device, dtype: torch.dtype
+) -> _RowPlan:
+    """Chunks of `rows` output rows and their taps; pure host arithmetic (float64, as torch's
+    float64), cached, so that planning never reads a device tensor."""
+    key = (h, out_h, rows, str(device), dtype)
+    if key in _PLANS:
+        return _PLANS[key]
+    i0s, i1s, lams, chunks = [], [], [], []
+    for r0 in range(0, out_h, rows):
+        r1 = min(r0 + rows, out_h)
+        srcs = [max((y + 0.5) * (h / out_h) - 0.5, 0.0) for y in range(r0, r1)]
+        i0 = [min(math.floor(v), h - 1) for v in srcs]
+        lam = [v - i for v, i in zip(srcs, i0, strict=True)]
+        # the last row's second tap is only needed when its weight is non-zero
+        lo, hi = i0[0], i0[-1] + 1 + int(lam[-1] > 0)
+        chunks.append(_Chunk(r0, r1, lo, hi))
+        i0s += [i - lo for i in i0]
+        i1s += [min(i + 1, h - 1, hi - 1) - lo for i in i0]
+        lams += lam
+    plan = _RowPlan(
+        chunks=tuple(chunks),
+        i0=torch.tensor(i0s).to(device, non_blocking=True),
+        i1=torch.tensor(i1s).to(device, non_blocking=True),
+        lam=torch.tensor(lams, dtype=torch.float64).to(dtype).to(device, non_blocking=True),
+        identity=h == out_h and all(v == 0 for v in lams),
+    )
+    if len(_PLANS) > 64:  # a few shapes per run; bound the cache anyway
+        _PLANS.clear()
+    _PLANS[key] = plan
+    return plan
+
+
+def _rows(slab: torch.Tensor, plan: _RowPlan, chunk: _Chunk, out_w: int) -> torch.Tensor:
     """Bilinear rows from a slab of source rows: height by explicit lerp, width by F.interpolate.
 
     The same separable weights as one full F.interpolate(bilinear, align_corners=False).
@@ -179,11 +231,12 @@ def _rows(
     Shapes:
         slab: [h', B, K, w] (rows first, so row gathers are contiguous) -> [R, B, K, out_w]
     """
-    if len(i0) == len(slab) and bool((lam == 0).all()):
+    if plan.identity:
         rows = slab  # same height: the rows themselves
     else:
         # advanced indexing: index_select along dim 0 of a 4-D tensor is ~10x slower on CPU
-        lam = lam.to(slab.dtype).view(-1, 1, 1, 1)  # [R, 1, 1, 1]
+        i0, i1 = plan.i0[chunk.r0 : chunk.r1], plan.i1[chunk.r0 : chunk.r1]
+        lam = plan.lam[chunk.r0 : chunk.r1].view(-1, 1, 1, 1)  # [R, 1, 1, 1]
         rows = torch.lerp(slab[i0], slab[i1], lam)  # [R, B, K, w]
     r, b, k, w = rows.shape
     if w == out_w:
@@ -191,6 +244,24 @@ def _rows(
     flat = rows.reshape(r * b * k, 1, w)  # [R*B*K, 1, w]
     wide = F.interpolate(flat, out_w, mode="linear", align_corners=False)  # [R*B*K, 1, W]
     return wide.view(r, b, k, out_w)
+
+
+# [R, B, K, W] tensors alive at once in one chunk's forward and backward (about 6 measured, on
+# top of ~3 row-independent [h, B, K, w] and [H, B, C, W] tensors), with a margin
+CHUNK_LIVE_TENSORS = 8
+
+
+def chunk_rows(out_h: int, row_bytes: int, chunk_size: int = 0, chunk_bytes: int = 1 << 30) -> int:
+    """Output rows per chunk: `chunk_size` if positive, else as many as fit `chunk_bytes` (one
+    chunk where the whole loss fits); `row_bytes` is one output row of one [R, B, K, W] tensor.
+
+    Fewer chunks mean fewer kernel launches: at 512x512 input resolution, batch 2, K = 300, the
+    default 1 GiB gives 5 chunks of 109 rows (32-row chunks took 16).
+    """
+    if chunk_size > 0:
+        return chunk_size
+    budget = chunk_bytes // CHUNK_LIVE_TENSORS
+    return max(1, min(out_h, budget // max(1, row_bytes)))
 
 
 class _EagerGradSum(torch.autograd.Function):
@@ -256,7 +327,8 @@ def instance_loss(
     pixel_mask: torch.Tensor | None = None,
     calibrate_source: str = "student_mixed_logits",
     safe: bool = False,
-    chunk_size: int = 32,
+    chunk_size: int = 0,
+    chunk_bytes: int = 1 << 30,
 ) -> torch.Tensor:
     """L_in = λ · mean over (masked) pixels of Σ_k −T_k log(S_s,k + log_eps) (METHOD.md §3.7).
 
@@ -268,8 +340,10 @@ def instance_loss(
     None, and carries no gradient; neither does the bank. `out_size` None works at feature
     resolution; otherwise similarities are computed at feature resolution and upsampled bilinearly
     to `out_size` (equal to upsampling the embeddings first, as similarity is linear in them).
-    Output rows are processed `chunk_size` at a time; each chunk's gradient is taken right away
-    (in forward) and its graph freed, so the peak is one chunk, not [B, K, H, W] tensors.
+    Output rows are processed `chunk_size` at a time (0: as many as fit `chunk_bytes`, see
+    `chunk_rows`); each chunk's gradient is taken right away (in forward) and its graph freed,
+    so the peak is one chunk, not [B, K, H, W] tensors. The chunks are planned on the host: the
+    loss never waits for the device.
 
     Shapes:
         student_embed, teacher_embed: [B, D, h, w]; bank_feats: [K, D]; bank_labels: [K];
@@ -277,8 +351,40 @@ def instance_loss(
         resolution (h×w or out_size) -> scalar
     """
     _check_shapes(student_embed, teacher_embed, bank_feats, bank_labels)
+    # similarities and their normalisers in the embeddings' precision, never autocast's 16 bits
+    with torch.autocast(student_embed.device.type, enabled=False):
+        return _instance_loss(
+            student_embed, teacher_embed, bank_feats, bank_labels, calib,
+            normalisation=normalisation, tau_weak=tau_weak, tau_strong=tau_strong, eps=eps,
+            log_eps=log_eps, weight=weight, out_size=out_size, pixel_mask=pixel_mask,
+            calibrate_source=calibrate_source, safe=safe, chunk_size=chunk_size,
+            chunk_bytes=chunk_bytes,
+        )  # fmt: skip
+
+
+def _instance_loss(
+    student_embed: torch.Tensor,
+    teacher_embed: torch.Tensor,
+    bank_feats: torch.Tensor,
+    bank_labels: torch.Tensor,
+    calib: torch.Tensor | None,
+    *,
+    normalisation: str,
+    tau_weak: float,
+    tau_strong: float,
+    eps: float,
+    log_eps: float,
+    weight: float,
+    out_size: tuple[int, int] | None,
+    pixel_mask: torch.Tensor | None,
+    calibrate_source: str,
+    safe: bool,
+    chunk_size: int,
+    chunk_bytes: int,
+) -> torch.Tensor:
     bank_feats, bank_labels = bank_feats.detach(), bank_labels.to(student_embed.device)
     b, _, h, w = student_embed.shape
+    k = bank_feats.shape[0]
     out_h, out_w = (h, w) if out_size is None else tuple(out_size)
     if pixel_mask is not None and tuple(pixel_mask.shape) != (b, out_h, out_w):
         raise ValueError(f"pixel_mask {tuple(pixel_mask.shape)}: expected {(b, out_h, out_w)}")
@@ -295,33 +401,29 @@ def instance_loss(
     strong = strong.contiguous()  # [h, B, K, w]
     mask = None if pixel_mask is None else pixel_mask.to(strong.dtype).permute(1, 0, 2)  # [H, B, W]
 
-    def chunk_loss(r0: int, r1: int, lo: int, hi: int, i0, i1, lam, slab) -> torch.Tensor:
+    def chunk_loss(plan: _RowPlan, c: _Chunk, slab: torch.Tensor) -> torch.Tensor:
         with torch.no_grad():
             target, _ = instance_target(
-                _rows(weak[lo:hi], i0, i1, lam, out_w), None if calib is None else calib[r0:r1],
-                bank_labels, normalisation=normalisation, tau=tau_weak, source=calibrate_source,
-                safe=safe, eps=eps, dim=2,
+                _rows(weak[c.lo : c.hi], plan, c, out_w),
+                None if calib is None else calib[c.r0 : c.r1], bank_labels,
+                normalisation=normalisation, tau=tau_weak, source=calibrate_source, safe=safe,
+                eps=eps, dim=2,
             )  # fmt: skip
         pred, ok = _normalise(
-            _rows(slab, i0, i1, lam, out_w), normalisation, tau_strong, eps, dim=2, safe=safe
+            _rows(slab, plan, c, out_w), normalisation, tau_strong, eps, dim=2, safe=safe
         )
         per_pixel = -(target * torch.log(pred + log_eps)).sum(dim=2)  # [R, B, W]
         if ok is not None:  # zero strong normaliser: no contribution (T is already 0 where its is)
-            per_pixel = torch.where(ok, per_pixel, torch.zeros_like(per_pixel))
+            per_pixel = per_pixel.masked_fill(~ok, 0.0)
         if mask is not None:
-            per_pixel = per_pixel * mask[r0:r1]
+            per_pixel = per_pixel * mask[c.r0 : c.r1]
         return per_pixel.sum()
 
-    step = max(1, chunk_size)
-    chunks = []
-    for r0 in range(0, out_h, step):
-        r1 = min(r0 + step, out_h)
-        i0, i1, lam = _source_rows(r0, r1, h, out_h, strong.device)
-        # the last row's second tap is only needed when its weight is non-zero
-        lo, hi = int(i0[0]), int(i0[-1]) + 1 + int(lam[-1] > 0)
-        i1 = i1.clamp_max(hi - 1)
-        fn = functools.partial(chunk_loss, r0, r1, lo, hi, i0 - lo, i1 - lo, lam)
-        chunks.append((lo, hi, fn))
+    rows = chunk_rows(out_h, b * k * out_w * strong.element_size(), chunk_size, chunk_bytes)
+    plan = _plan_rows(h, out_h, rows, strong.device, strong.dtype)
+    chunks = [
+        (c.lo, c.hi, functools.partial(chunk_loss, plan, c)) for c in plan.chunks
+    ]
     if strong.requires_grad:
         total = _EagerGradSum.apply(strong, chunks)
     else:

@@ -151,6 +151,8 @@ class InstanceBank(nn.Module):
     """K labelled feature vectors updated from source class vectors (DIDA's instance bank).
 
     Buffers: `feats` [K, D] float32, `labels` [K] int64, `count` [] int64 (entries filled).
+    `filled` is the host's copy of `count` (it changes only while the bank fills, on the host's
+    initiative), so that checking `is_full` never waits for the device.
 
     Example:
         bank = InstanceBank(300, 256, 19)
@@ -193,6 +195,7 @@ class InstanceBank(nn.Module):
         self.register_buffer("feats", torch.zeros(size, dim))
         self.register_buffer("labels", torch.zeros(size, dtype=torch.long))
         self.register_buffer("count", torch.zeros((), dtype=torch.long))
+        self.filled = 0
 
     def extra_repr(self) -> str:
         return (
@@ -203,11 +206,15 @@ class InstanceBank(nn.Module):
 
     @property
     def is_full(self) -> bool:
-        return int(self.count) >= self.size
+        return self.filled >= self.size
+
+    def _load_from_state_dict(self, state_dict, prefix, *args, **kwargs) -> None:  # noqa: ANN001, ANN002, ANN003
+        super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
+        self.filled = int(self.count)  # one read when a checkpoint is loaded
 
     def class_counts(self) -> torch.Tensor:
         """Number of filled entries per class. Shapes: -> [C] int64."""
-        n = int(self.count)
+        n = self.filled
         return torch.bincount(self.labels[:n], minlength=self.num_classes)[: self.num_classes]
 
     @torch.no_grad()
@@ -217,6 +224,7 @@ class InstanceBank(nn.Module):
         self.feats.copy_(F.normalize(feats, dim=1))
         self.labels.copy_(torch.arange(self.size) % self.num_classes)
         self.count.fill_(self.size)
+        self.filled = self.size
 
     @torch.no_grad()
     def load_(self, feats: torch.Tensor, labels: torch.Tensor) -> None:
@@ -236,6 +244,7 @@ class InstanceBank(nn.Module):
         self.feats.copy_(feats)
         self.labels.copy_(labels)
         self.count.fill_(self.size)
+        self.filled = self.size
         missing = (self.class_counts() == 0).nonzero().flatten().tolist()
         if missing:
             logger.warning("instance bank has no entries for classes %s", missing)
@@ -298,7 +307,7 @@ class InstanceBank(nn.Module):
         )  # fmt: skip
         present = torch.ones(1, self.num_classes, dtype=torch.bool, device=means.device)
         events, _ = _gather_ranks(means[None], present)
-        n = int(self.count)
+        n = self.filled
         feats, entry_labels = self.feats[:n], self.labels[:n]
         for cache in events:  # one event per rank, in rank order
             feats.lerp_(cache.index_select(0, entry_labels).to(feats.dtype), 1.0 - self.momentum)
@@ -306,7 +315,7 @@ class InstanceBank(nn.Module):
     def _update_per_image_(self, embed: torch.Tensor, labels: torch.Tensor) -> None:
         self._check_inputs(embed, labels)
         vectors, present = _gather_ranks(*self._class_vectors(embed, labels, self.update_mode))
-        n = int(self.count)
+        n = self.filled
         entry_labels = self.labels[:n]
         feats = self.feats[:n]
         m = self.momentum
@@ -328,10 +337,11 @@ class InstanceBank(nn.Module):
         )
 
     def _append(self, vector: torch.Tensor, label: int) -> None:
-        n = int(self.count)
+        n = self.filled
         self.feats[n] = vector
         self.labels[n] = label
         self.count += 1
+        self.filled += 1
 
     def _check_inputs(
         self, embed: torch.Tensor, labels: torch.Tensor, any_batch: bool = False

@@ -75,6 +75,7 @@ def downscale_label_ratio(
 
     Each s×s cell takes its most frequent label (ignore counted as an extra class); it becomes
     `ignore_index` when that majority is ignore or covers less than `min_ratio` of the cell.
+    Labels outside [0, num_classes) count as ignore (checked on the device, no host read).
 
     Shapes:
         labels: [B, H, W] int64 with H, W divisible by scale_factor
@@ -88,9 +89,8 @@ def downscale_label_ratio(
             f"scale_factor {scale_factor} must be >= 1 and divide the label size {h}x{w}"
         )
     ignore_substitute = num_classes
-    idx = labels.masked_fill(labels == ignore_index, ignore_substitute)
-    if idx.min() < 0 or idx.max() > ignore_substitute:
-        raise ValueError(f"labels must be in [0, {num_classes}) or {ignore_index}")
+    valid = (labels >= 0) & (labels < num_classes) & (labels != ignore_index)
+    idx = torch.where(valid, labels, ignore_substitute)
     one_hot = torch.zeros(b, num_classes + 1, h, w, device=labels.device)  # [B, C+1, H, W]
     one_hot.scatter_(1, idx.unsqueeze(1), 1.0)
     ratios = F.avg_pool2d(one_hot, kernel_size=scale_factor)  # [B, C+1, H/s, W/s]

@@ -17,6 +17,8 @@ import torch
 from torch import nn
 from torch.nn.modules.batchnorm import _BatchNorm
 
+from dida.models.precision import LowPrecisionCopy
+
 BN_MODES = ("batch", "running")
 
 
@@ -72,6 +74,12 @@ class EMATeacher(nn.Module):
         self.model = copy.deepcopy(_unwrap(student))
         self.model.requires_grad_(False)
         set_batch_norm_mode_(self.model, bn)
+        self.low_precision: LowPrecisionCopy | None = None
+
+    def use_low_precision_copy(self, dtype: torch.dtype) -> None:
+        """Keep a `dtype` copy of the matmul/conv weights for forwards under autocast to `dtype`
+        (refreshed by every `update`); call it after moving the teacher to its device."""
+        self.low_precision = LowPrecisionCopy(self.model, dtype)
 
     def extra_repr(self) -> str:
         return f"alpha={self.alpha}, bn={self.bn}"
@@ -80,7 +88,15 @@ class EMATeacher(nn.Module):
         """Record `mode` on the wrapper; the copied model keeps its teacher mode."""
         self.training = mode
         set_batch_norm_mode_(self.model, self.bn)
+        if self.low_precision is not None:
+            set_batch_norm_mode_(self.low_precision.module, self.bn)
         return self
+
+    def load_state_dict(self, *args, **kwargs):  # noqa: ANN002, ANN003, ANN201
+        result = super().load_state_dict(*args, **kwargs)
+        if self.low_precision is not None:
+            self.low_precision.refresh()
+        return result
 
     def forward(self, img: torch.Tensor, **kwargs) -> object:  # noqa: ANN003
         """Run the teacher without building a graph; returns whatever the wrapped model returns
@@ -89,8 +105,11 @@ class EMATeacher(nn.Module):
         Shapes:
             img: [B, 3, H, W]
         """
+        model = self.model
+        if self.low_precision is not None:
+            model = self.low_precision.select(model, img.device.type)
         with torch.no_grad():
-            return self.model(img, **kwargs)
+            return model(img, **kwargs)
 
     def ema_alpha(self, iteration: int) -> float:
         """Momentum with DACS warm-up: `min(1 - 1 / (iteration + 1), alpha)`."""
@@ -113,16 +132,19 @@ class EMATeacher(nn.Module):
             )
         if iteration == 0:
             torch._foreach_copy_(t_params + t_bufs, [s.detach() for s in s_params + s_bufs])
-            return
-        if self.bn == "batch":  # a batch-statistics teacher never reads its BN buffers
-            t_bufs, s_bufs = [], []
-        ema_t = t_params + [t for t in t_bufs if t.is_floating_point()]
-        ema_s = [s.detach() for s in s_params] + [s for s in s_bufs if s.is_floating_point()]
-        alpha = self.ema_alpha(iteration)
-        torch._foreach_lerp_(ema_t, ema_s, 1.0 - alpha)
-        for t, s in zip(t_bufs, s_bufs, strict=True):
-            if not t.is_floating_point():
-                t.copy_(s)
+        else:
+            if self.bn == "batch":  # a batch-statistics teacher never reads its BN buffers
+                t_bufs, s_bufs = [], []
+            floats = [t.is_floating_point() for t in t_bufs]
+            ema_t = t_params + [t for t, f in zip(t_bufs, floats, strict=True) if f]
+            ema_s = [s.detach() for s in s_params]
+            ema_s += [s for s, f in zip(s_bufs, floats, strict=True) if f]
+            torch._foreach_lerp_(ema_t, ema_s, 1.0 - self.ema_alpha(iteration))
+            ints = [(t, s) for t, s, f in zip(t_bufs, s_bufs, floats, strict=True) if not f]
+            if ints:
+                torch._foreach_copy_([t for t, _ in ints], [s for _, s in ints])
+        if self.low_precision is not None:
+            self.low_precision.refresh()
 
 
 def pseudo_label(

@@ -37,6 +37,7 @@ from dida.engine.logging import (
 )
 from dida.engine.optim import build_optimizer, set_lr
 from dida.engine.run_dir import claim_run_dir
+from dida.engine.speed import LossWindow, compiled_graphs, prepare_method, window_mean
 from dida.errors import Interrupted, UserError
 
 log = logging.getLogger("dida.train")
@@ -177,8 +178,7 @@ def _train(cfg, run_dir, resume, on_finish, locks) -> dict:  # noqa: ANN001
             student, device_ids=[device.index] if device.type == "cuda" else None
         )
         method.set_student_forward(ddp)
-    elif tcfg.compile:
-        method.set_student_forward(torch.compile(student))
+    prepare_method(method, tcfg.compile, dtype, distributed=dist_info.enabled)
     optimizer = build_optimizer(student, cfg.optim)
     scaler = torch.amp.GradScaler(device.type, enabled=dtype == torch.float16)
     start, best = _maybe_resume(resume, run_dir, method, optimizer, scaler, device)
@@ -198,6 +198,8 @@ def _train(cfg, run_dir, resume, on_finish, locks) -> dict:  # noqa: ANN001
         return {**_checkpoint_state(cfg, iteration, method, optimizer, scaler), "best": best}
 
     t_start, t_window, n_window = time.perf_counter(), time.perf_counter(), 0
+    window = LossWindow()  # the step's metrics stay on the device until read
+    graphs = compiled_graphs() if tcfg.compile != "false" else 0
     progress = Progress(tcfg.max_iters, start, enabled=dist_info.is_main)
     stopped_at = None
     with _StopRequest() as stop:
@@ -209,7 +211,7 @@ def _train(cfg, run_dir, resume, on_finish, locks) -> dict:  # noqa: ANN001
             want_images = tcfg.debug_interval > 0 and iteration % tcfg.debug_interval == 0
             with torch.autocast(device.type, dtype=dtype, enabled=dtype != torch.float32):
                 step = method.forward_backward(batch, iteration, backward, want_images)
-            _check_finite(step.losses, iteration)
+            window.add(iteration, step.losses)
             scaler.step(optimizer)
             scaler.update()
             done = iteration + 1
@@ -218,10 +220,22 @@ def _train(cfg, run_dir, resume, on_finish, locks) -> dict:  # noqa: ANN001
             # BN statistics of rank 0 everywhere, before the teacher, evaluation or a checkpoint
             # reads them (a no-op without DDP)
             broadcast_buffers_(student)
-            if dist_info.is_main and (done % tcfg.log_interval == 0 or done == tcfg.max_iters):
+            is_last = done == tcfg.max_iters
+            log_now = done % tcfg.log_interval == 0 or is_last
+            eval_now = tcfg.eval_interval > 0 and (is_last or done % tcfg.eval_interval == 0)
+            if log_now or eval_now or done % tcfg.checkpoint_interval == 0 or stop.requested:
+                # the only host read of the metrics: no other step waits for the device
+                steps = window.read()
+                _check_finite(steps)
+                mean = window_mean(steps)
+            if log_now and tcfg.compile != "false" and compiled_graphs() != graphs:
+                log.info("torch.compile: %d graphs (+%d since the last log)",
+                         compiled_graphs(), compiled_graphs() - graphs)  # fmt: skip
+                graphs = compiled_graphs()
+            if dist_info.is_main and log_now:
                 speed = n_window / (time.perf_counter() - t_window)
                 eta = (tcfg.max_iters - done) / max(speed, 1e-9)
-                losses = " ".join(f"{k} {v:.4f}" for k, v in step.losses.items())
+                losses = " ".join(f"{k} {v:.4f}" for k, v in mean.items())
                 log.info(
                     "iter %d/%d  %.2f it/s  eta %s  lr %.3g  %s",
                     done,
@@ -231,14 +245,13 @@ def _train(cfg, run_dir, resume, on_finish, locks) -> dict:  # noqa: ANN001
                     lr,
                     losses,
                 )
-                writer.write(done, "train", {"lr": lr, "it_per_s": speed, **step.losses})
+                writer.write(done, "train", {"lr": lr, "it_per_s": speed, **mean})
                 t_window, n_window = time.perf_counter(), 0
             if dist_info.is_main and step.images:
                 _write_debug(run_dir, iteration, step.images)
-            is_last = done == tcfg.max_iters
             new_best = False
             # evaluation before the checkpoint, so that the checkpoint knows the best so far
-            if tcfg.eval_interval > 0 and (is_last or done % tcfg.eval_interval == 0):
+            if eval_now:
                 result = _evaluate(cfg, method, val_set, device, done, writer, dist_info)
                 miou = result.get("mIoU")
                 if miou is not None and math.isfinite(miou) and miou > best.get("mIoU", -1.0):
@@ -342,13 +355,15 @@ def _checkpoint_state(cfg, iteration, method, optimizer, scaler) -> dict:  # noq
     }
 
 
-def _check_finite(losses: dict[str, float], iteration: int) -> None:
-    for name, value in losses.items():
-        if not math.isfinite(value):
-            raise TrainingDiverged(
-                f"loss '{name}' is {value} at iteration {iteration}; stopped, the last good "
-                "checkpoint is kept (try a lower optim.lr or train.precision=fp32)"
-            )
+def _check_finite(steps: list[tuple[int, dict[str, float]]]) -> None:
+    """Stop at the first non-finite metric of the steps read (before any checkpoint is written)."""
+    for iteration, losses in steps:
+        for name, value in losses.items():
+            if not math.isfinite(value):
+                raise TrainingDiverged(
+                    f"loss '{name}' is {value} at iteration {iteration}; stopped, the last good "
+                    "checkpoint is kept (try a lower optim.lr or train.precision=fp32)"
+                )
 
 
 def _evaluate(cfg, method, val_set, device, iteration, writer, dist_info) -> dict:  # noqa: ANN001

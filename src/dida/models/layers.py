@@ -25,13 +25,24 @@ def drop_path(x: torch.Tensor, drop_prob: float, training: bool) -> torch.Tensor
 
 
 class DropPath(nn.Module):
-    """Stochastic depth on the residual branch; identity in eval mode or at rate 0."""
+    """Stochastic depth on the residual branch; identity in eval mode or at rate 0.
+
+    Under `torch.compile` the keep probability is read from a (non-persistent) buffer, as data:
+    blocks of different rates then share one compiled graph instead of one graph per rate.
+    """
 
     def __init__(self, drop_prob: float = 0.0) -> None:
         super().__init__()
         self.drop_prob = float(drop_prob)
+        self.register_buffer("keep_prob", torch.tensor(1.0 - self.drop_prob), persistent=False)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if torch.compiler.is_compiling():
+            if not self.training:
+                return x
+            mask_shape = (x.shape[0],) + (1,) * (x.ndim - 1)  # B×1×...×1
+            keep = self.keep_prob.to(x.dtype)
+            return x * (torch.bernoulli(keep.expand(mask_shape)) / keep)
         return drop_path(x, self.drop_prob, self.training)
 
     def extra_repr(self) -> str:

@@ -1,0 +1,123 @@
+"""Speed settings of the training step that leave its arithmetic alone, and the loss window.
+
+`prepare_method` runs once, after the method is on its device (the engine and
+`benchmarks/train_step.py` call it):
+
+* under bf16/fp16 autocast the frozen models keep 16-bit copies of their matmul/conv weights
+  (the ImageNet encoder cast in place, the EMA teacher through a copy its update refreshes), so
+  autocast stops casting every weight again on every forward;
+* `train.compile`: `blocks` compiles each MiT block and decode head in place (regional
+  compilation: one compiled graph per stage shape and mode serves all blocks, student, teacher and
+  ImageNet encoder alike, so the compile time is that of a few blocks); `full` compiles the whole
+  student as one graph; `false` (the default) stays eager.
+
+`LossWindow` keeps the step's metrics on the device and reads them at log intervals with one
+copy, so that a step never waits for the device.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+
+import torch
+from torch import nn
+
+log = logging.getLogger("dida.train")
+
+COMPILE_MODES = ("false", "blocks", "full")
+# compiled variants of one block's code: 4 stage shapes x (train, no-grad teacher/encoder) x a
+# few input sizes (training crop, evaluation); the default of 8 would send the rest to eager
+RECOMPILE_LIMIT = 64
+
+
+def prepare_method(
+    method: nn.Module,
+    compile_mode: str,
+    dtype: torch.dtype,
+    distributed: bool = False,
+) -> None:
+    """Low-precision weights of the frozen models under 16-bit `dtype`, then `compile_mode`."""
+    if compile_mode not in COMPILE_MODES:
+        raise ValueError(f"train.compile '{compile_mode}': expected one of {COMPILE_MODES}")
+    if dtype in (torch.bfloat16, torch.float16):
+        method.use_low_precision_weights(dtype)
+    if compile_mode == "full":
+        if distributed:  # DDP wraps the student; compiling the wrapper is not supported here
+            log.warning("train.compile=full is ignored with several processes; using blocks")
+            compile_regions(method)
+        else:
+            method.set_student_forward(torch.compile(method.student))
+    elif compile_mode == "blocks":
+        compile_regions(method)
+
+
+def compile_regions(method: nn.Module) -> int:
+    """`torch.compile` every MiT block and DAFormer head of `method` in place; returns how many.
+
+    Compiled modules keep their parameters and state-dict keys. Blocks of different drop-path
+    rates share graphs (`DropPath` reads its rate as data under compile).
+    """
+    from dida.models.daformer_head import DAFormerHead
+    from dida.models.mit import Block
+
+    config = torch._dynamo.config
+    for name in ("recompile_limit", "cache_size_limit"):  # the name changed across versions
+        if hasattr(config, name):
+            setattr(config, name, max(getattr(config, name), RECOMPILE_LIMIT))
+            break
+    roots = [method, *(copy.module for copy in method.low_precision_copies())]
+    count = 0
+    for root in roots:
+        for module in root.modules():
+            if isinstance(module, (Block, DAFormerHead)):
+                module.compile(dynamic=False)  # one graph per stage shape: static kernels
+                count += 1
+    log.info("train.compile=blocks: %d MiT blocks and heads compiled in place", count)
+    return count
+
+
+def compiled_graphs() -> int:
+    """Graphs `torch.compile` has produced in this process so far (0 without compilation)."""
+    from torch._dynamo.utils import counters
+
+    return int(counters["stats"]["unique_graphs"])
+
+
+class LossWindow:
+    """The metrics of the steps since the last read, kept as they come (device tensors).
+
+    `read()` copies them all to the host at once (one synchronisation) and returns each step's
+    values; the engine calls it at log intervals and before checkpoints and evaluations.
+    """
+
+    def __init__(self) -> None:
+        self._steps: list[tuple[int, dict]] = []
+
+    def __len__(self) -> int:
+        return len(self._steps)
+
+    def add(self, iteration: int, metrics: dict) -> None:
+        self._steps.append((iteration, dict(metrics)))
+
+    def read(self) -> list[tuple[int, dict[str, float]]]:
+        """[(iteration, {name: value})] of every step since the last read, oldest first."""
+        steps, self._steps = self._steps, []
+        tensors = [v for _, m in steps for v in m.values() if torch.is_tensor(v)]
+        values = iter(
+            torch.stack([t.detach().float().reshape(()) for t in tensors]).tolist()
+            if tensors else []
+        )  # fmt: skip
+        return [
+            (it, {k: next(values) if torch.is_tensor(v) else float(v) for k, v in m.items()})
+            for it, m in steps
+        ]
+
+
+def window_mean(steps: list[tuple[int, dict[str, float]]]) -> dict[str, float]:
+    """Mean of each metric over the steps that report it (mmseg logs interval means)."""
+    sums: dict[str, list[float]] = {}
+    for _, metrics in steps:
+        for key, value in metrics.items():
+            sums.setdefault(key, []).append(value)
+    return {key: math.fsum(v) / len(v) for key, v in sums.items()}

@@ -1,0 +1,158 @@
+"""The step's speed settings keep its arithmetic: no host reads, low-precision copies, compile."""
+
+from __future__ import annotations
+
+import copy
+import math
+
+import pytest
+import torch
+from torch.profiler import profile
+
+from dida.adapt.daformer import DAFormer
+from dida.adapt.dida import DIDA
+from dida.config import ExperimentConfig
+from dida.engine.optim import build_optimizer
+from dida.engine.speed import LossWindow, compiled_graphs, prepare_method, window_mean
+from dida.models import segmentor_from_config
+
+# operators that wait for the device on CUDA
+SYNC_OPS = {"aten::_local_scalar_dense", "aten::nonzero", "aten::_unique2", "aten::equal"}
+
+
+def _method(name: str, dtype: torch.dtype = torch.float32, compile_mode: str = "false"):  # noqa: ANN202
+    """A mit_tiny method with the reference preset (input-resolution L_in, FD on) and its step."""
+    cfg = ExperimentConfig()
+    cfg.model.variant, cfg.model.embed_dim, cfg.model.dilations = "mit_tiny", 16, [1, 2]
+    cfg.method.bank.size = 12
+    cfg.method.teacher.ignore_top, cfg.method.teacher.ignore_bottom = 2, 4
+    torch.manual_seed(0)
+    student = segmentor_from_config(cfg.model)
+    kwargs = dict(num_classes=19, imnet_encoder=copy.deepcopy(student.encoder),
+                  generator=torch.Generator().manual_seed(0))  # fmt: skip
+    if name == "dida":
+        method = DIDA(student, cfg.method, embed_dim=16, **kwargs)
+        method.bank.init_random_(torch.Generator().manual_seed(0))
+    else:
+        method = DAFormer(student, cfg.method, **kwargs)
+    method.train()
+    prepare_method(method, compile_mode, dtype)
+    optimizer = build_optimizer(student, cfg.optim)
+    g = torch.Generator().manual_seed(1)
+    label = torch.randint(0, 19, (2, 4, 4), generator=g).repeat_interleave(12, 1)
+    batch = {"src_img": torch.randn(2, 3, 48, 48, generator=g),
+             "src_label": label.repeat_interleave(12, 2),
+             "tgt_img": torch.randn(2, 3, 48, 48, generator=g)}  # fmt: skip
+
+    def step(i: int) -> dict:
+        optimizer.zero_grad(set_to_none=True)
+        method.update_teacher(i)
+        with torch.autocast("cpu", dtype=dtype, enabled=dtype != torch.float32):
+            out = method.forward_backward(batch, i, lambda loss: loss.backward(), False)
+        optimizer.step()
+        return out.losses
+
+    return method, step
+
+
+def _callers(evt) -> list[str]:  # noqa: ANN001
+    names = []
+    while evt is not None:
+        names.append(evt.name)
+        evt = evt.cpu_parent
+    return names
+
+
+@pytest.mark.parametrize("name", ["daformer", "dida"])
+def test_a_step_reads_nothing_back_from_the_device(name: str) -> None:
+    """No `.item()`, `bool(tensor)`, nonzero or unique in a steady-state step (they would each
+    wait for the GPU); the metrics come back as device tensors."""
+    _, step = _method(name)
+    step(0)
+    step(1)
+    with profile() as prof:
+        losses = step(3)  # not a bank update iteration (those run every update_interval)
+    syncs = [
+        " < ".join(_callers(e)) for e in prof.events() if e.name in SYNC_OPS
+        # AdamW's step counters are host tensors on CUDA too; _assert_async is async there
+        and not any(c.startswith(("Optimizer.step", "aten::_assert_async")) for c in _callers(e))
+    ]
+    assert syncs == []
+    assert all(torch.is_tensor(v) or isinstance(v, float) for v in losses.values())
+    assert "instance.loss_in" in losses or name == "daformer"
+
+
+def test_loss_window_reads_every_step_once() -> None:
+    window = LossWindow()
+    window.add(3, {"a": torch.tensor(1.0), "b": 2.0})
+    window.add(4, {"a": torch.tensor(3.0), "c": torch.tensor(float("nan"))})
+    steps = window.read()
+    assert [it for it, _ in steps] == [3, 4] and len(window) == 0
+    assert steps[0][1] == {"a": 1.0, "b": 2.0} and math.isnan(steps[1][1]["c"])
+    mean = window_mean(steps)
+    assert mean["a"] == 2.0 and mean["b"] == 2.0
+    assert window.read() == []
+
+
+def test_low_precision_copies_give_the_same_outputs_and_follow_the_ema() -> None:
+    """Under bf16 autocast the teacher's bf16 copy and the cast ImageNet encoder compute what
+    autocast's own casts compute; the copy follows every EMA update and checkpoint load."""
+    method, step = _method("daformer", torch.bfloat16)
+    step(0)
+    step(1)
+    (lp,) = method.low_precision_copies()
+    img = torch.randn(2, 3, 48, 48)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        fast = method.teacher(img)
+        slow = method.teacher.model(img)  # fp32 weights, cast by autocast
+    for a, b in zip(fast, slow, strict=True):
+        assert torch.equal(a, b)
+    assert lp.module.encoder.block1[0].attn.q.weight.dtype == torch.bfloat16
+    assert method.imnet.block1[0].attn.q.weight.dtype == torch.bfloat16
+    state = copy.deepcopy(method.teacher.state_dict())
+    with torch.no_grad():
+        for p in method.teacher.model.parameters():
+            p.add_(1.0)
+    method.teacher.load_state_dict(state)
+    torch.testing.assert_close(lp.module.head.conv_seg.weight,
+                               method.teacher.model.head.conv_seg.weight.bfloat16())  # fmt: skip
+
+
+def test_the_host_generator_of_a_gpu_generator_is_checkpointed() -> None:
+    """With a GPU generator the augmentation decisions come from a separate CPU generator, whose
+    state the training state carries (on the CPU both are one generator, saved by the engine)."""
+    method, _ = _method("dida")
+    assert method.host_generator is method.generator
+    assert "host_rng" not in method.training_state().get("method", {})
+    method.host_generator = torch.Generator().manual_seed(5)  # as built for a CUDA generator
+    torch.rand(3, generator=method.host_generator)
+    state = method.training_state()
+    assert set(state["method"]) == {"host_rng", "bank"}
+    expected = torch.rand(4, generator=method.host_generator)
+    method.host_generator.manual_seed(0)
+    method.load_training_state(state)
+    assert torch.equal(torch.rand(4, generator=method.host_generator), expected)
+
+
+@pytest.mark.slow
+def test_compiled_blocks_match_eager_and_stop_recompiling() -> None:
+    """`train.compile=blocks` (minutes on a CPU): the compiled student computes what the eager one
+    computes, and after the first iterations no step compiles anything new."""
+    method, step = _method("dida", compile_mode="blocks")
+    eager = copy.deepcopy(method.student)  # deepcopy drops the compiled wrappers
+    for m in eager.modules():
+        m._compiled_call_impl = None
+    for i in range(3):
+        step(i)
+    graphs = compiled_graphs()
+    assert 0 < graphs <= 40
+    step(3)
+    step(4)
+    assert compiled_graphs() == graphs
+    eager.load_state_dict(method.student.state_dict())
+    img = torch.randn(2, 3, 48, 48)
+    method.student.eval()
+    eager.eval()
+    with torch.no_grad():
+        for a, b in zip(method.student(img), eager(img), strict=True):
+            torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-4)
