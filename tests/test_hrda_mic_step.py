@@ -253,21 +253,26 @@ def test_dida_hrda_instance_loss_on_the_context_view(source: str) -> None:
     assert "instance.loss_in" in log
 
 
+SLOW = pytest.mark.slow  # the default suite keeps one variant per flag group
+
+
 @pytest.mark.parametrize(
     "extra",
     [
-        ["method.compose.hrda_scale=hr"],
-        ["method.compose.hrda_scale=hr", "method.compose.hr_teacher=recompute_box"],
-        ["method.compose.hrda_scale=both"],
-        ["method.compose.hrda_scale=both", "method.compose.hrda_separate_banks=true"],
-        ["method.compose.mic_view=add"],
-        ["method.compose.mic_view=only", "method.compose.hrda_scale=both"],
-        ["method.compose.mic_view=add", "model.hrda.enabled=false", "method.mic.block_size=16",
-         "data.target_pseudo_margins=null"],
+        pytest.param(["method.compose.hrda_scale=hr"], id="hr"),
+        pytest.param(["method.compose.hrda_scale=hr", "method.compose.hr_teacher=recompute_box"],
+                     id="hr-recompute", marks=SLOW),
+        pytest.param(["method.compose.hrda_scale=both"], id="both", marks=SLOW),
+        pytest.param(["method.compose.hrda_scale=both", "method.compose.hrda_separate_banks=true"],
+                     id="both-separate"),
+        pytest.param(["method.compose.mic_view=add"], id="mic-add", marks=SLOW),
+        pytest.param(["method.compose.mic_view=only", "method.compose.hrda_scale=both"],
+                     id="mic-only-both"),
+        pytest.param(["method.compose.mic_view=add", "model.hrda.enabled=false",
+                      "method.mic.block_size=16", "data.target_pseudo_margins=null"],
+                     id="no-hrda-mic-add", marks=SLOW),
     ],
-    ids=["hr", "hr-recompute", "both", "both-separate", "mic-add", "mic-only-both",
-         "no-hrda-mic-add"],
-)
+)  # fmt: skip
 def test_compose_variants_train(extra: list[str]) -> None:
     method = _method("dida", *extra)
     comp = method.cfg.compose
