@@ -164,3 +164,19 @@ def test_block_size_default_follows_resolution() -> None:
     assert mic_block_size(load_config(None, [])) == 32
     assert mic_block_size(load_config(None, ["model.hrda.enabled=true"])) == 64
     assert mic_block_size(load_config(None, ["method.mic.block_size=16"])) == 16
+
+
+def test_mic_aug_decisions_come_from_the_host_generator() -> None:
+    """Decisions, σ and the jitter order are host draws (no wait for a GPU generator); the jitter
+    factors come from the device generator."""
+    for seed in range(20):
+        draws = [sample_mic_aug(2, generator=torch.Generator().manual_seed(100 + k),
+                                host_generator=torch.Generator().manual_seed(seed))
+                 for k in range(2)]  # fmt: skip
+        a, b = draws
+        assert (a.jitter is None) == (b.jitter is None) and a.sigma == b.sigma
+        if a.jitter is not None:
+            assert torch.equal(a.jitter.order, b.jitter.order)
+            assert not torch.equal(a.jitter.brightness, b.jitter.brightness)
+            return
+    pytest.fail("no seed drew jitter")

@@ -200,10 +200,10 @@ class SourceOnly(nn.Module):
         self, img: torch.Tensor, return_features: bool = False
     ) -> HRDAOutput | tuple[torch.Tensor, ...]:
         """One student training forward: `(logits, embed[, features])`, or with HRDA an
-        `HRDAOutput` with a fresh detail box (one per forward, drawn from the method's RNG)."""
+        `HRDAOutput` with a fresh detail box (one per forward, from the method's host RNG)."""
         if self.hrda is None:
             return self._forward(img, return_features=return_features)
-        box = self.student.sample_box(img.shape[-2:], self.generator)
+        box = self.student.sample_box(img.shape[-2:], self.host_generator)  # a host decision
         return self._forward(img, return_features=return_features, detail_box=box)
 
     def _seg_forward_loss(
@@ -341,6 +341,7 @@ class DAFormer(SourceOnly):
                 ratio=mic.ratio, mean=self.img_mean, std=self.img_std,
                 color_jitter_strength=aug.color_jitter_strength, color_jitter_p=aug.color_jitter_p,
                 max_kernel_size=aug.blur_max_kernel, generator=self.generator,
+                host_generator=self.host_generator,
             )  # fmt: skip
         h = self.hrda or HRDAConfig()
         res = mic_loss(

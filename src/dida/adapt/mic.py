@@ -36,8 +36,13 @@ from dida.models.hrda import HRDAOutput
 StudentOutput = HRDAOutput | tuple[torch.Tensor, ...]
 
 
-def _rand(n: int, generator: torch.Generator | None) -> torch.Tensor:
-    """n draws of U(0, 1) on the generator's device, returned on the CPU."""
+def _rand(
+    n: int, generator: torch.Generator | None, host_generator: torch.Generator | None = None
+) -> torch.Tensor:
+    """n draws of U(0, 1) on the CPU: from `host_generator`, else from `generator` (on a GPU
+    generator the copy to the host waits for the device)."""
+    if host_generator is not None:
+        return torch.rand(n, generator=host_generator)
     device = generator.device if generator is not None else "cpu"
     return torch.rand(n, generator=generator, device=device).cpu()
 
@@ -78,17 +83,23 @@ def sample_mic_aug(
     color_jitter_p: float = 0.2,
     generator: torch.Generator | None = None,
     device: torch.device | str = "cpu",
+    host_generator: torch.Generator | None = None,
 ) -> MICAugParams:
     """Draw the batch decisions (jitter iff cj > p, blur iff bl > 0.5; blur regardless of
-    `method.aug.blur`), per-image jitter factors and one σ ~ U(0.15, 1.15) for the batch."""
-    cj, bl = _rand(2, generator).tolist()
+    `method.aug.blur`), per-image jitter factors and one σ ~ U(0.15, 1.15) for the batch.
+
+    What the host branches on (decisions, σ, the jitter order) comes from `host_generator` when
+    given (no wait for the device), the jitter factors from `generator` on `device`."""
+    cj, bl = _rand(2, generator, host_generator).tolist()
     jitter = None
     if cj > color_jitter_p:
-        jitter = sample_jitter_params(batch, color_jitter_strength, generator, device)
+        jitter = sample_jitter_params(
+            batch, color_jitter_strength, generator, device, host_generator
+        )
     sigma = None
     if bl > 0.5:
         low, high = BLUR_SIGMA_RANGE
-        sigma = low + (high - low) * float(_rand(1, generator))
+        sigma = low + (high - low) * float(_rand(1, generator, host_generator))
     return MICAugParams(jitter, sigma)
 
 
@@ -125,9 +136,11 @@ def masked_view(
     color_jitter_p: float = 0.2,
     max_kernel_size: int | None = 11,
     generator: torch.Generator | None = None,
+    host_generator: torch.Generator | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """The MIC input: (optionally) MIC-augmented target images times a block mask; masked pixels
-    become 0, the mean colour of the normalised input. `tgt_img` is not modified.
+    become 0, the mean colour of the normalised input. `tgt_img` is not modified. Augmentation
+    decisions come from `host_generator` if given (`sample_mic_aug`), the mask from `generator`.
 
     Returns:
         (masked image, mask).
@@ -141,6 +154,7 @@ def masked_view(
         params = sample_mic_aug(
             img.shape[0], color_jitter_strength=color_jitter_strength,
             color_jitter_p=color_jitter_p, generator=generator, device=img.device,
+            host_generator=host_generator,
         )  # fmt: skip
         img = apply_mic_aug(img, params, mean=mean, std=std, max_kernel_size=max_kernel_size)
     mask = block_mask(img.shape[0], tuple(img.shape[-2:]), block_size, ratio, generator, img.device)
