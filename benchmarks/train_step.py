@@ -98,6 +98,7 @@ def _config(case: argparse.Namespace):  # noqa: ANN202
     cfg.data.crop_size = [case.crop, case.crop]
     cfg.train.precision = case.precision
     cfg.train.compile = case.compile
+    cfg.train.compile_mode = case.compile_mode
     return cfg
 
 
@@ -128,7 +129,7 @@ def _build(case: argparse.Namespace, device):  # noqa: ANN001, ANN202
         if case.compile not in ("false", False):
             method.set_student_forward(torch.compile(method.student))
     if prepare_method is not None:
-        prepare_method(method, cfg.train.compile, dtype)
+        prepare_method(method, cfg.train.compile, dtype, mode=case.compile_mode)
     optimizer = build_optimizer(method.student, cfg.optim)
     scaler = torch.amp.GradScaler(device.type, enabled=dtype == torch.float16)
 
@@ -197,9 +198,14 @@ def _profile(step, batch: dict, i: int, device) -> dict:  # noqa: ANN001
     out = {"dispatches": dispatches, "memsets": memsets, "syncs": syncs,
            "optimizer_dispatches": optimizer}  # fmt: skip
     if device.type == "cuda":
-        averages = prof.key_averages()
-        out["launches"] = sum(e.count for e in averages if e.key in LAUNCH_EVENTS)
-        out["kernel_s"] = sum(e.self_device_time_total for e in averages) / 1e6
+        from torch.autograd import DeviceType
+
+        out["launches"] = sum(e.count for e in prof.key_averages() if e.key in LAUNCH_EVENTS)
+        # device-side events (kernels, memcpy, memset) of the step, one stream: their sum is the
+        # time the GPU was busy
+        device_us = [e.time_range.elapsed_us() for e in prof.events()
+                     if e.device_type == DeviceType.CUDA]  # fmt: skip
+        out["kernel_s"] = sum(device_us) / 1e6
         out["syncs"] = _cuda_syncs(step, batch, i + 1)
     return out
 
@@ -348,6 +354,10 @@ def main() -> None:
                         help="the ImageNet feature distance (a frozen second encoder)")  # fmt: skip
     parser.add_argument("--compile", nargs="+", default=["false"],
                         choices=["false", "blocks", "full"], help="train.compile")  # fmt: skip
+    parser.add_argument("--compile-mode", default="default",
+                        choices=["default", "reduce-overhead", "max-autotune",
+                                 "max-autotune-no-cudagraphs"],
+                        help="train.compile_mode (reduce-overhead: CUDA graphs)")  # fmt: skip
     parser.add_argument("--table", action="store_true",
                         help="the README's speed table (10 cases) instead of the lists above")
     parser.add_argument("--profile", action="store_true",
@@ -373,7 +383,8 @@ def main() -> None:
     cuda = args.device.startswith("cuda")
     mem = "peak CUDA MB" if cuda else "peak RSS MB"
     print(f"\n{args.variant}, crop {args.crop}, batch {args.batch}, {args.device}"
-          f"{f', {args.threads} threads' if args.threads else ''}")  # fmt: skip
+          f"{f', {args.threads} threads' if args.threads else ''}"
+          f"{f', compile mode {args.compile_mode}' if args.compile_mode != 'default' else ''}")
     head = ["method", "L_in resolution", "FD", "precision", "compile", "s/it", mem, "compile s"]
     if args.profile:
         head += ["dispatches (optimizer)", "memsets"]

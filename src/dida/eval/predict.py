@@ -75,7 +75,7 @@ class Predictor:
         )  # fmt: skip
         # one image at a time to the original size: a 12-megapixel photo's logits alone take
         # C·48 MB, so a batch of them would not fit; resizing per image gives the same numbers
-        labels = [resize(x[None], out_size).argmax(dim=1)[0].cpu() for x in logits]
+        labels = [resize(x[None], out_size).max(dim=1).indices[0].cpu() for x in logits]
         return torch.stack(labels)  # [B, H, W]
 
     def predict_items(
