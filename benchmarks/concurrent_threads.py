@@ -7,6 +7,7 @@ This is the measurement behind `dida`'s default thread settings on shared CPUs.
 
     python benchmarks/concurrent_threads.py --iters 20 --jobs 2 --threads 1 2 \
         --policies passive default
+    python benchmarks/concurrent_threads.py --threads 0 --policies auto   # dida's defaults
 """
 
 from __future__ import annotations
@@ -23,9 +24,14 @@ from pathlib import Path
 def _run_jobs(args: argparse.Namespace, threads: int, policy: str, work: Path) -> list[float]:
     work = Path(tempfile.mkdtemp(dir=work))  # a fresh folder per measurement
     env = dict(os.environ)
-    env["OMP_NUM_THREADS"] = str(threads)
-    # "default": the OpenMP runtime's own policy (spin, then sleep); dida reads an empty value so
-    env["OMP_WAIT_POLICY"] = "" if policy == "default" else policy.upper()
+    env.pop("OMP_NUM_THREADS", None)
+    env.pop("OMP_WAIT_POLICY", None)
+    if threads > 0:  # 0: dida's own choice (one thread per free core at start)
+        env["OMP_NUM_THREADS"] = str(threads)
+    # "default": the OpenMP runtime's own policy (spin, then sleep); dida reads an empty value so;
+    # "auto": dida's own choice (OpenMP's policy on idle cores, PASSIVE on busy ones)
+    if policy != "auto":
+        env["OMP_WAIT_POLICY"] = "" if policy == "default" else policy.upper()
     data = args.data_root.resolve()
     cmd = [
         sys.executable, "-m", "dida", "train", "--exp", "quickstart",
@@ -55,9 +61,10 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--iters", type=int, default=20, help="training iterations per job")
     parser.add_argument("--jobs", type=int, default=2, help="concurrent jobs")
-    parser.add_argument("--threads", type=int, nargs="+", default=[1, 2])
+    parser.add_argument("--threads", type=int, nargs="+", default=[1, 2],
+                        help="thread counts; 0: dida's own choice")  # fmt: skip
     parser.add_argument("--policies", nargs="+", default=["passive", "default"],
-                        choices=["passive", "active", "default"])  # fmt: skip
+                        choices=["passive", "active", "default", "auto"])  # fmt: skip
     parser.add_argument("--data-root", type=Path, default=Path("data/synthetic"),
                         help="synthetic benchmark folder (generated if absent)")  # fmt: skip
     args = parser.parse_args()
