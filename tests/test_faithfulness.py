@@ -60,7 +60,7 @@ def _up(x: torch.Tensor) -> torch.Tensor:
 
 
 # ---------------------------------------------------------------------------------------------
-# literal transcriptions of the released code (METHOD.md §3.2b, §3.3.1, §3.4, §3.5, §3.7)
+# literal transcriptions of the released code (docs/method.md §3.3.1, §3.4, §3.5, §3.7, §3.9)
 
 
 def literal_bank_update(f, lbl, emb_s, gt, momentum):  # noqa: ANN001, ANN201

@@ -1,4 +1,6 @@
-"""Photometric augmentation of normalised image batches: colour jitter, Gaussian blur (METHOD §2.7).
+"""Photometric augmentation of normalised image batches: colour jitter, Gaussian blur.
+
+docs/method.md §2.7 describes the operations.
 
 Reproduces DACS `strong_transform` with kornia 0.5.8 `ColorJitter` semantics: brightness (additive
 `factor - 1`), contrast, saturation ~ U[1-s, 1+s] and hue ~ U[-s, s] of the hue circle, applied in a
@@ -9,7 +11,8 @@ waits for the device.
 
 Blur kernel: the reference uses `floor(ceil(0.1 L) - 0.5 + ceil(0.1 L) mod 2)` per axis (51 at 512).
 We cap it at `max_kernel_size=11`: for sigma <= 1.15 the Gaussian mass beyond radius 5 is < 1e-6, so
-the result equals the 51x51 blur to ~1e-6 of the [0, 1] range (NOTES.md) at a fraction of the cost.
+the result equals the 51x51 blur to ~1e-6 of the [0, 1] range (measured for sigma up to 1.15) at a
+fraction of the cost. The blur runs as two 1-D convolutions (the Gaussian is separable).
 """
 
 from __future__ import annotations

@@ -1,4 +1,6 @@
-"""ClassMix: class-mask sampling and mixing of images, labels and pixel weights (METHOD §2.5.12).
+"""ClassMix: class-mask sampling and mixing of images, labels and pixel weights.
+
+docs/method.md §2.5.
 
 Faithful to DACS `get_class_masks`: the candidate classes are the unique labels of the WHOLE source
 batch (255 included when present) and every image draws its own half of them.

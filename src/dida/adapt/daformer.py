@@ -1,9 +1,9 @@
 """Source-only and DAFormer (DACS self-training) methods as modules that own their training step.
 
-The step follows METHOD.md §2.5: source loss (+ ImageNet feature distance) → teacher pseudo-labels
-on the target → ClassMix + strong augmentation → mixed loss (→ MIC's masked-target loss when
-`cfg.mic.enabled`). Every backward goes through the engine's `backward` callable (AMP scaling
-lives there); one backward per student forward, so DDP works.
+The step follows docs/method.md §2.1: source loss (+ ImageNet feature distance) → teacher
+pseudo-labels on the target → ClassMix + strong augmentation → mixed loss (→ MIC's masked-target
+loss when `cfg.mic.enabled`). Every backward goes through the engine's `backward` callable (AMP
+scaling lives there); one backward per student forward, so DDP works.
 
 With an HRDA student (`model.hrda.enabled`) the same step runs multi-resolution: every student
 forward gets its own detail box and HRDA's fused + detail loss (`_seg_forward_loss`), the feature
@@ -232,7 +232,9 @@ class SourceOnly(nn.Module):
     def feature_distance(
         self, src_img: torch.Tensor, src_label: torch.Tensor, src: SegForward
     ) -> torch.Tensor:
-        """λ · mean L2 distance to the frozen ImageNet features on thing-class cells (§2.5, 6).
+        """λ · mean L2 distance to the frozen ImageNet features on thing-class cells.
+
+        docs/method.md §2.4.
 
         HRDA: on the context view (`model.hrda.fd_scale=lr`), plus the detail box (`all`).
         """
@@ -268,7 +270,9 @@ class SourceOnly(nn.Module):
 
 
 class DAFormer(SourceOnly):
-    """DACS self-training with an EMA teacher, ClassMix and photometric augmentation (§2.5).
+    """DACS self-training with an EMA teacher, ClassMix and photometric augmentation.
+
+    docs/method.md §2 describes the step.
 
     The teacher normalises with its batch's statistics (`cfg.teacher.bn=batch`, the reference) or
     runs in eval mode (`running`); it sees the un-augmented target crop unless `cfg.aug.weak_aug`.
@@ -357,7 +361,9 @@ class DAFormer(SourceOnly):
     def pseudo_labels(
         self, tgt_img: torch.Tensor, valid_mask: torch.Tensor | None = None
     ) -> TeacherOutput:
-        """Teacher forward on the (weak view of the) target and DACS pseudo-labels (§2.5 8–11).
+        """Teacher forward on the (weak view of the) target and DACS pseudo-labels.
+
+        docs/method.md §2.3.
 
         `valid_mask` [B, H, W] (HRDA's pseudo-label margins, the batch's `valid_pseudo_mask`)
         multiplies the weight; the confident fraction q still counts every pixel.
@@ -411,7 +417,8 @@ class DAFormer(SourceOnly):
         tgt_img: torch.Tensor,
         teacher: TeacherOutput,
     ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
-        """ClassMix of source onto target, then colour jitter and blur of the mixed image (§2.5)."""
+        """ClassMix of source onto target, then colour jitter and blur of the mixed image
+        (docs/method.md §2.5, §2.7)."""
         masks = sample_class_masks(src_label, self.generator, self.num_classes)  # [B, H, W]
         mixed_img = mix(masks, src_img, tgt_img)
         mixed_label = mix(masks, src_label, teacher.label)

@@ -1,9 +1,11 @@
-"""DIDA: DAFormer plus the labelled instance bank and the instance-level consistency loss (§3).
+"""DIDA: DAFormer plus the labelled instance bank and the instance-level consistency loss.
 
-On top of the DAFormer step: the bank is filled/updated from the student's source features (§3.3),
-the teacher's class probabilities may be smoothed by instance similarities ("scatter", §3.6), and
-the mixed forward gets L_in between the teacher's calibrated weak-view similarities ("gather",
-§3.5) and the student's mixed-view similarities (§3.7).
+docs/method.md §3 describes the instance branch; the § numbers below are its sections.
+
+On top of the DAFormer step: the bank is filled and updated from the student's source features
+(§3.2, §3.3), the teacher's class probabilities may be smoothed by instance similarities
+("scatter", §3.6), and the mixed forward gets L_in between the teacher's calibrated weak-view
+similarities ("gather", §3.5) and the student's mixed-view similarities (§3.7).
 
 The configuration's defaults are the released code's arithmetic (experiments 7 and 8): gather from
 the student's raw logits on the mixed image, similarities at input resolution, normalisers without
@@ -188,7 +190,7 @@ class DIDA(DAFormer):
         masks: torch.Tensor,
         output: HRDAOutput | None = None,
     ) -> tuple[torch.Tensor | None, dict[str, torch.Tensor | float]]:
-        """L_in on the mixed forward (§3.7); nothing until the bank is full (nor with
+        """L_in on the mixed forward (docs/method.md §3.7); nothing until the bank is full (nor with
         `compose.mic_view=only`, which moves it to the masked view)."""
         if not all(bank.is_full for bank in self.banks):
             return None, {"instance.bank_filled": float(self.bank.filled)}
@@ -280,7 +282,8 @@ class DIDA(DAFormer):
         return losses[0] if len(losses) == 1 else torch.stack(losses).sum()
 
     def _instance_loss(self, view: InstanceView, bank: InstanceBank, weight: float) -> torch.Tensor:
-        """λ · L_in of one view (§3.7) at the loss resolution (`instance.resolution`)."""
+        """λ · L_in of one view (docs/method.md §3.7) at the loss resolution
+        (`instance.resolution`)."""
         icfg = self.cfg.instance
         crop, feat = view.size, tuple(view.student_embed.shape[-2:])
         size = self._at_loss_resolution(crop, feat)

@@ -1,10 +1,11 @@
 """DIDA's instance level: pixel-to-bank similarities, the two cross-level interactions and L_in.
 
-METHOD.md §3.4–3.7: similarities are dot products with the bank, normalised over K (`sum` or
-`softmax`); "gather" calibrates the weak-view similarities with class probabilities of each bank
-entry's class; "scatter" smooths the pseudo-label probabilities with the aggregated similarities;
-the loss is the cross-entropy between the weak-view target and the strong-view similarities,
-computed in row chunks whose gradients are accumulated during forward to bound the memory.
+docs/method.md §3.4–§3.7: similarities are dot products with the bank, normalised over K (`sum`
+or `softmax`); "gather" calibrates the weak-view similarities with a class score (the student's
+mixed-image logits or the teacher's probabilities) of each bank entry's class; "scatter" smooths
+the pseudo-label probabilities with the aggregated similarities; the loss is the cross-entropy
+between the weak-view target and the strong-view similarities, computed in row chunks whose
+gradients are accumulated during forward to bound the memory.
 """
 
 from __future__ import annotations
@@ -85,7 +86,9 @@ def instance_target(
     eps: float = 1e-6,
     dim: int = 1,
 ) -> tuple[torch.Tensor, torch.Tensor | None]:
-    """The instance-level pseudo-label T over K from raw weak-view similarities (§3.4, §3.5).
+    """The instance-level pseudo-label T over K from raw weak-view similarities.
+
+    docs/method.md §3.4, §3.5.
 
     Without `calib`: T = the normalised similarities. With it, the semantic → instance "gather":
     T_k ∝ S_w,k · calib[l_k]. `safe=False` (the reference): T = S_w ⊙ G / Σ_k (S_w ⊙ G) with no
@@ -330,7 +333,7 @@ def instance_loss(
     chunk_size: int = 0,
     chunk_bytes: int = 1 << 30,
 ) -> torch.Tensor:
-    """L_in = λ · mean over (masked) pixels of Σ_k −T_k log(S_s,k + log_eps) (METHOD.md §3.7).
+    """L_in = λ · mean over (masked) pixels of Σ_k −T_k log(S_s,k + log_eps) (docs/method.md §3.7).
 
     `safe=False` is the reference's arithmetic (normalisers without epsilon, `instance_target`); a
     pixel whose weak or strong normaliser is exactly 0 (the reference's 0/0 = NaN) contributes 0

@@ -1,10 +1,13 @@
-"""DIDA's labelled instance bank: K source feature vectors with class labels (METHOD.md §3.2–3.3).
+"""DIDA's labelled instance bank: K source feature vectors with class labels.
+
+docs/method.md §3.2–§3.3 describes initialisation and update rules.
 
 The bank lives in registered buffers (saved in checkpoints, moved by `.to()`); it is filled online
 (class-balanced) or loaded, then pulled towards source class vectors with momentum, by one of two
-rules: `reference` (the released code, METHOD.md §3.3.1: one momentum step per update event with
-image 0's features averaged over the class positions of the whole batch, entries of absent classes
-decayed toward 0) or `per_image` (each image's own class vectors, absent classes untouched).
+rules: `reference` (the released code, docs/method.md §3.3.1: one momentum step per update event
+with image 0's features averaged over the class positions of the whole batch, entries of absent
+classes decayed toward 0) or `per_image` (each image's own class vectors, absent classes
+untouched).
 Under torch.distributed every rank gathers every rank's class vectors and applies them in rank
 order, so all ranks hold the identical bank.
 Bank files are read and written by `dida.engine.bank_io`.
@@ -102,7 +105,7 @@ def class_vectors(
 def reference_class_means(
     embed: torch.Tensor, labels: torch.Tensor, num_classes: int, ignore_index: int = 255
 ) -> torch.Tensor:
-    """The released code's per-class vectors (METHOD.md §3.3.1), vectorised.
+    """The released code's per-class vectors (docs/method.md §3.3.1), vectorised.
 
     For class c, the positions p where *any* image of the batch has label c are collected (with
     multiplicity: a position labelled c in two images counts twice) and image 0's features are

@@ -1,4 +1,6 @@
-"""Segmentation and ImageNet feature-distance losses of the DAFormer step (METHOD.md §2.5.6, §2.6).
+"""Segmentation and ImageNet feature-distance losses of the DAFormer step.
+
+docs/method.md §2.4 (feature distance) and §2.6 (segmentation loss reduction).
 
 Pure functions; callers apply the loss weights (e.g. the FD lambda).
 """

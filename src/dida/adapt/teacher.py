@@ -1,4 +1,4 @@
-"""EMA teacher and its confidence-weighted pseudo-labels (DACS; METHOD.md §1.1, §2.5 steps 1, 11).
+"""EMA teacher and its confidence-weighted pseudo-labels (DACS; docs/method.md §1.1, §2.2, §2.3).
 
 Two BatchNorm modes (`method.teacher.bn`):
 

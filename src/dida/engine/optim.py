@@ -1,4 +1,6 @@
-"""AdamW with DAFormer's parameter groups and the poly LR schedule with linear warmup (§2.4).
+"""AdamW with DAFormer's parameter groups and the poly LR schedule with linear warmup.
+
+docs/method.md §2.8 gives the groups and the schedule.
 
 The schedule is a pure function of the iteration, so resuming needs nothing but the iteration.
 """
@@ -45,7 +47,8 @@ FUSED_DEVICES = ("cuda", "cpu")
 
 
 def build_optimizer(model: nn.Module, cfg: OptimConfig) -> torch.optim.AdamW:
-    """mmcv's AdamW (§2.4), fused when every parameter lives on a device in `FUSED_DEVICES`."""
+    """mmcv's AdamW (docs/method.md §2.8), fused when every parameter lives on a device in
+    `FUSED_DEVICES`."""
     groups = param_groups(model, cfg)
     fused = all(p.device.type in FUSED_DEVICES for g in groups for p in g["params"])
     return torch.optim.AdamW(

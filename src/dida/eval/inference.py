@@ -1,4 +1,6 @@
-"""Whole-image and sliding-window inference (mmseg 1.x `EncoderDecoder` algorithms, §1.5, §5.1).
+"""Whole-image and sliding-window inference (mmseg 1.x `EncoderDecoder` algorithms).
+
+docs/method.md §1.2 (model outputs, resizing) and §4.1 (test protocol).
 
 Both take a `Segmentor`-like model returning `(logits, embedding)` at 1/4 resolution and run under
 the caller's `torch.no_grad()`; logits are resized bilinearly (align_corners False) before softmax.

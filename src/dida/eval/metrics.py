@@ -3,9 +3,9 @@
 Intersection and union are summed over all images before dividing (not averaged per image),
 pixels whose label is `ignore_index` are skipped, and classes absent from both prediction and label
 are NaN and left out of the means (nan-mean, as mmseg's `mean_iou`). Evaluation subsets (e.g.
-SYNTHIA's 16 and 13 classes, §4.2) are means over the per-class values, never rescaled full
-means. The evaluator follows detectron2's `reset/process/compute` protocol; under DDP the
-confusion matrix is all-reduced.
+SYNTHIA's 16 and 13 classes, docs/method.md §4.2) are means over the per-class values, never
+rescaled full means. The evaluator follows detectron2's `reset/process/compute` protocol; under
+DDP the confusion matrix is all-reduced.
 """
 
 from __future__ import annotations

@@ -1,5 +1,6 @@
 """Label maps for batches of preprocessed images (`dida predict`): whole or sliding-window
-inference as `dida test` (§5.1, §5.3), optional autocast, argmax at each image's original size.
+inference as `dida test` (docs/method.md §4.1), optional autocast, argmax at each image's
+original size.
 
 The model is a `Segmentor` or anything called the same way (`model(img)[0]` = logits), such as
 `dida.export.OnnxSegmentor`. Items of different sizes are grouped so that each forward pass sees

@@ -1,4 +1,6 @@
-"""Segmentor = MiT encoder + DAFormer head; returns 1/4-resolution logits and embedding (§1.5).
+"""Segmentor = MiT encoder + DAFormer head; returns 1/4-resolution logits and embedding.
+
+docs/method.md §1.2 describes the outputs.
 
 State-dict keys are `encoder.<NVlabs MiT name>` and `head.<mmseg DAFormerHead name>`. Upsampling to
 the input or label size is the caller's job (`dida.eval.inference`, the method's losses).
