@@ -226,3 +226,16 @@ def test_plain_progress_lines_when_not_a_terminal(
     progress.close()
     err = capsys.readouterr().err
     assert err.startswith("train 5/10 (50%)") and "eta" in err and "\r" not in err
+
+
+def test_track_prints_plain_progress_lines_off_a_terminal(
+    monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture
+) -> None:
+    """`dida convert`'s progress: every item passes through, plain lines go to stderr."""
+    import dida.engine.logging as dlog
+
+    monkeypatch.setattr(dlog, "PLAIN_PROGRESS_SECONDS", 0.0)
+    assert list(dlog.track(iter(range(5)), 5, "convert gta")) == [0, 1, 2, 3, 4]
+    lines = capsys.readouterr().err.splitlines()
+    assert lines and all(line.startswith("convert gta ") for line in lines)
+    assert "4/5 (80%)" in lines[-1]

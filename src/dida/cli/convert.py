@@ -30,12 +30,11 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    from tqdm import tqdm
-
     from dida.data.convert import convert_dataset
+    from dida.engine.logging import track
 
-    def progress(iterable, total):
-        return tqdm(iterable, total=total, desc=f"convert {args.dataset}", unit="file")
+    def progress(iterable, total):  # a bar on a terminal, else a plain line every 30 s
+        return track(iterable, total, f"convert {args.dataset}")
 
     result = convert_dataset(
         args.dataset, args.root, args.out_dir, args.gt_dir, args.nproc, progress=progress

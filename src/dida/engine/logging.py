@@ -7,8 +7,11 @@ import logging
 import math
 import sys
 import time
+from collections.abc import Iterable, Iterator
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
+
+T = TypeVar("T")
 
 LOGGER_NAME = "dida"
 
@@ -165,3 +168,14 @@ class Progress:
             self._bar.close()
             self._bar = None
             Progress.active -= 1
+
+
+def track(iterable: Iterable[T], total: int, desc: str) -> Iterator[T]:
+    """`iterable` with a `Progress` (a bar on a terminal, else a plain line every 30 s)."""
+    progress = Progress(total, desc=desc)
+    try:
+        for done, item in enumerate(iterable, 1):
+            yield item
+            progress.update(done)
+    finally:
+        progress.close()
