@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import warnings
 from pathlib import Path
 
 import numpy as np
@@ -143,3 +144,30 @@ def test_target_pseudo_margins_follow_the_target_crop(roots) -> None:
     cfg.crop_size = [28, 32]
     padded = build_train_dataset(cfg, seed=1)[0]["valid_pseudo_mask"]
     assert padded.shape == (28, 32) and (padded[24:] == 0).all() and padded[10].sum() > 0
+
+
+def test_libpng_messages_become_a_warning_not_console_output(
+    tmp_path: Path, capfd: pytest.CaptureFixture
+) -> None:
+    """libpng prints "libpng error: IDAT: CRC error" straight to file descriptor 2; reading such a
+    file gives our one-line DataError and a warning naming the file, and nothing on the console."""
+    import cv2
+
+    from dida.data.io import read_unchanged
+
+    ok, buf = cv2.imencode(".png", np.random.default_rng(0).integers(0, 255, (32, 32, 3), np.uint8))
+    data = bytearray(buf.tobytes())
+    at = data.find(b"IDAT") + 20
+    data[at : at + 4] = b"\xff\xff\xff\xff"  # the IDAT chunk's CRC no longer matches
+    bad = tmp_path / "bad.png"
+    bad.write_bytes(bytes(data))
+    capfd.readouterr()
+    with pytest.warns(RuntimeWarning, match=r"bad\.png: libpng error: IDAT"):
+        with pytest.raises(DataError, match="cannot decode"):
+            read_unchanged(bad)
+    assert "libpng" not in capfd.readouterr().err
+    good = tmp_path / "good.png"
+    good.write_bytes(buf.tobytes())
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # a clean file warns about nothing
+        assert read_unchanged(good).shape == (32, 32, 3)

@@ -7,7 +7,12 @@ PIL is used only where it is required (palette indices of GTA labels).
 
 from __future__ import annotations
 
+import contextlib
 import os
+import sys
+import tempfile
+import warnings
+from collections.abc import Iterator
 from pathlib import Path
 
 import cv2
@@ -15,13 +20,51 @@ import numpy as np
 
 from dida.errors import DataError
 
+_capture: tuple[int, int] | None = None  # (pid, file descriptor of an unlinked temporary file)
+
+
+@contextlib.contextmanager
+def _c_messages_as_warnings(path: str | Path) -> Iterator[None]:
+    """What C libraries write straight to file descriptor 2 meanwhile (libpng: "libpng error:
+    IDAT: CRC error", "libpng warning: iCCP: ...") becomes a Python warning naming `path`, which
+    the CLI sends to the run's log instead of the console."""
+    global _capture
+    try:
+        if _capture is None or _capture[0] != os.getpid():  # one file per (forked) process
+            fd, name = tempfile.mkstemp(prefix="dida-stderr-")
+            os.unlink(name)
+            _capture = (os.getpid(), fd)
+        capture = _capture[1]
+        sys.stderr.flush()
+        saved = os.dup(2)
+    except (OSError, ValueError):  # no file descriptor 2 or no temporary folder: leave as is
+        yield
+        return
+    os.dup2(capture, 2)
+    try:
+        yield
+    finally:
+        os.dup2(saved, 2)
+        os.close(saved)
+    size = os.lseek(capture, 0, os.SEEK_CUR)
+    if size:
+        os.lseek(capture, 0, os.SEEK_SET)
+        text = os.read(capture, size).decode(errors="replace").strip()
+        os.lseek(capture, 0, os.SEEK_SET)
+        os.ftruncate(capture, 0)
+        if text:
+            warnings.warn(f"{path}: {' / '.join(text.splitlines())}", RuntimeWarning, stacklevel=3)
+
 
 def read_unchanged(path: str | Path, flags: int = cv2.IMREAD_UNCHANGED) -> np.ndarray:
     """Decode an image file with OpenCV (default: unchanged depth and channels, BGR order)."""
     if not Path(path).is_file():
         raise DataError(f"{path}: file not found")
     data = np.fromfile(str(path), dtype=np.uint8)
-    array = cv2.imdecode(data, flags) if data.size else None
+    array = None
+    if data.size:
+        with _c_messages_as_warnings(path):
+            array = cv2.imdecode(data, flags)
     if array is None:
         raise DataError(f"{path}: cannot decode image (corrupt or not an image file)")
     return array
