@@ -20,6 +20,8 @@ import sys
 import time
 from collections.abc import Callable
 
+from _memory import status_kb
+
 K, D, C, B = 300, 256, 19, 2
 
 CASES = {
@@ -31,14 +33,6 @@ CASES = {
     "loss input res (512)": ("loss", "input", 128),
 }
 REFERENCE_CASES = {"loss input res, materialised ref": ("loss", "reference", 128)}
-
-
-def _status_kb(key: str) -> int:
-    with open("/proc/self/status") as f:
-        for line in f:
-            if line.startswith(key):
-                return int(line.split()[1])
-    raise RuntimeError(f"{key} not in /proc/self/status")
 
 
 def _reset_peak() -> None:
@@ -103,9 +97,9 @@ def run_case(name: str, repeats: int, chunk_size: int) -> dict[str, float]:
     kind, mode, res = {**CASES, **REFERENCE_CASES}[name]
     fn = _make_case(kind, mode, res, chunk_size)
     _reset_peak()
-    base = _status_kb("VmRSS")
+    base = status_kb("VmRSS")
     fn()
-    peak_mb = (_status_kb("VmHWM") - base) / 1024
+    peak_mb = (status_kb("VmHWM") - base) / 1024
     times = [float("nan")]
     for _ in range(repeats):
         start = time.perf_counter()

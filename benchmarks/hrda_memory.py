@@ -25,21 +25,7 @@ import subprocess
 import sys
 import time
 
-
-def _vm_hwm_mb() -> float:
-    with open("/proc/self/status") as f:
-        for line in f:
-            if line.startswith("VmHWM:"):
-                return int(line.split()[1]) / 1024
-    return float("nan")
-
-
-def _peak_mb(device) -> float:  # noqa: ANN001
-    import torch
-
-    if device.type == "cuda":
-        return torch.cuda.max_memory_allocated(device) / 2**20
-    return _vm_hwm_mb()
+from _memory import peak_mb
 
 
 def run_case(args: argparse.Namespace, checkpoint: bool) -> dict:
@@ -66,7 +52,7 @@ def run_case(args: argparse.Namespace, checkpoint: bool) -> dict:
     if device.type == "cuda":
         torch.cuda.synchronize(device)
         torch.cuda.reset_peak_memory_stats(device)
-    before = _peak_mb(device)
+    before = peak_mb(device)
 
     storages: dict[int, int] = {}
     block_inputs: dict[int, int] = {}
@@ -101,7 +87,7 @@ def run_case(args: argparse.Namespace, checkpoint: bool) -> dict:
     return {
         "checkpoint_encoder": checkpoint,
         "peak_mb_model_built": round(before, 1),
-        "peak_mb_step": round(_peak_mb(device), 1),
+        "peak_mb_step": round(peak_mb(device), 1),
         "saved_for_backward_mb": round(saved / 2**20, 1),
         "seconds": round(seconds, 2),
         "params": params,

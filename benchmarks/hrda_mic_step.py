@@ -24,21 +24,7 @@ import subprocess
 import sys
 import time
 
-
-def _vm_hwm_mb() -> float:
-    with open("/proc/self/status") as f:
-        for line in f:
-            if line.startswith("VmHWM:"):
-                return int(line.split()[1]) / 1024
-    return float("nan")
-
-
-def _peak_mb(device) -> float:  # noqa: ANN001
-    import torch
-
-    if device.type == "cuda":
-        return torch.cuda.max_memory_allocated(device) / 2**20
-    return _vm_hwm_mb()
+from _memory import peak_mb
 
 
 def run_case(args: argparse.Namespace, checkpoint: bool, precision: str) -> dict:
@@ -79,7 +65,7 @@ def run_case(args: argparse.Namespace, checkpoint: bool, precision: str) -> dict
     if device.type == "cuda":
         torch.cuda.synchronize(device)
         torch.cuda.reset_peak_memory_stats(device)
-    built = _peak_mb(device)
+    built = peak_mb(device)
     start = time.perf_counter()
     optimizer.zero_grad(set_to_none=True)
     method.update_teacher(0)
@@ -95,7 +81,7 @@ def run_case(args: argparse.Namespace, checkpoint: bool, precision: str) -> dict
         "checkpoint_encoder": checkpoint,
         "precision": precision,
         "peak_mb_built": round(built, 1),
-        "peak_mb_step": round(_peak_mb(device), 1),
+        "peak_mb_step": round(peak_mb(device), 1),
         "seconds": round(seconds, 1),
         "losses": losses,
     }

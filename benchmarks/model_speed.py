@@ -20,17 +20,11 @@ from collections.abc import Callable
 from pathlib import Path
 
 import torch
+from _memory import status_kb
 from torch import nn
 
 from dida.models import build_mit, build_segmentor
 from dida.models.weights import hf_reference_encoder
-
-
-def _status_kb(field: str) -> int:
-    for line in Path("/proc/self/status").read_text().splitlines():
-        if line.startswith(field + ":"):
-            return int(line.split()[1])
-    return 0
 
 
 def _trim_heap() -> None:
@@ -60,7 +54,7 @@ class PeakMemory:
                 Path("/proc/self/clear_refs").write_text("5")
             except OSError:
                 pass
-            self.base = _status_kb("VmRSS") * 1024
+            self.base = status_kb("VmRSS") * 1024
         return self
 
     def __exit__(self, *exc: object) -> None:
@@ -68,7 +62,7 @@ class PeakMemory:
             torch.cuda.synchronize()
             peak = torch.cuda.max_memory_allocated()
         else:
-            peak = _status_kb("VmHWM") * 1024
+            peak = status_kb("VmHWM") * 1024
         self.peak_mib = (peak - self.base) / 2**20
 
 

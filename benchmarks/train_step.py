@@ -40,6 +40,8 @@ import sys
 import time
 import warnings
 
+from _memory import peak_mb
+
 # operators that only create views or allocate: no kernel on any device
 VIEW_OPS = {
     "aten::view", "aten::_unsafe_view", "aten::as_strided", "aten::_reshape_alias",
@@ -76,14 +78,6 @@ LAUNCH_EVENTS = {
     "cudaLaunchKernel", "cudaLaunchKernelExC", "cuLaunchKernel", "cuLaunchKernelEx",
     "cudaGraphLaunch", "cudaLaunchCooperativeKernel",
 }  # fmt: skip
-
-
-def _vm_hwm_mb() -> float:
-    with open("/proc/self/status") as f:
-        for line in f:
-            if line.startswith("VmHWM:"):
-                return int(line.split()[1]) / 1024
-    return float("nan")
 
 
 def _config(case: argparse.Namespace):  # noqa: ANN202
@@ -286,8 +280,7 @@ def run_case(case: argparse.Namespace) -> dict:
         sync()
         times.append(time.perf_counter() - t0)
     s_per_it = statistics.median(times)
-    peak = (torch.cuda.max_memory_allocated() / 2**20 if device.type == "cuda"
-            else _vm_hwm_mb())  # fmt: skip
+    peak = peak_mb(device)
     result = {"s_per_it": s_per_it, "peak_mb": peak,
               "compile_s": max(warmup_s - case.warmup * s_per_it, 0.0) if case.compile != "false"
               else None, "recompiles": _recompiles() - graphs}  # fmt: skip
