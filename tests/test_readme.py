@@ -175,6 +175,7 @@ def check_python(args: list[str], monkeypatch: pytest.MonkeyPatch) -> None:
         return
     script = REPO / args[0]
     assert script.is_file(), f"python {args[0]}: no such file"
+    monkeypatch.syspath_prepend(str(script.parent))  # as `python SCRIPT` puts its folder first
     check_script(lambda: runpy.run_path(str(script), run_name="__main__"), str(script), args[1:],
                  monkeypatch)  # fmt: skip
 
