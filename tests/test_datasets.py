@@ -106,6 +106,36 @@ def test_uda_dataset_is_pure_function_of_seed_and_index(roots, rcs: bool) -> Non
     assert not torch.equal(item["src_img"], reseeded["src_img"])
 
 
+@pytest.mark.parametrize("rcs", [True, False])
+def test_small_datasets_are_decoded_once_with_identical_items(
+    roots, rcs: bool, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Within the budget each file is decoded and resized once; items are bit-identical to
+    those of a dataset that reads every time; above the budget nothing is kept."""
+    from dida.data import uda
+
+    cfg = _data_cfg(roots, rcs)
+    cfg.target_pseudo_margins = [2, 2, 3, 3]
+    monkeypatch.setattr(uda, "CACHE_BUDGET_MB", 0)
+    reading = build_train_dataset(cfg, seed=2)
+    assert not reading.cache
+    monkeypatch.setattr(uda, "CACHE_BUDGET_MB", 512)
+    cached = build_train_dataset(cfg, seed=2)
+    assert cached.cache and cached.cache_bytes() == 4 * (64 * 36 * 4 + 48 * 24 * 3)
+    loads: list[str] = []
+    for ds in (cached.source, cached.target):
+        monkeypatch.setattr(ds, "load", lambda i, _load=ds.load: loads.append(i) or _load(i))
+    for i in range(20):
+        item, ref = cached[i], reading[i]
+        assert item.keys() == ref.keys()
+        for key in item:
+            assert torch.equal(item[key], ref[key]), key
+    assert len(loads) <= len(cached.source) + len(cached.target) < 40  # 20 items, 2 files each
+    assert all(not a.flags.writeable for pair in cached._cache.values() for a in pair
+               if a is not None)  # fmt: skip
+    assert reading._cache == {}
+
+
 def test_uda_rcs_crop_holds_sampled_class(roots) -> None:
     data = build_train_dataset(_data_cfg(roots, True), seed=0)
     assert isinstance(data, UDADataset)
