@@ -12,13 +12,18 @@ from dida.cli.main import main
 
 
 @pytest.mark.slow
-def test_quickstart_smoke(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+def test_quickstart_smoke(tmp_path: Path, capfd: pytest.CaptureFixture[str]) -> None:
+    """Two job processes (as on a 2-core machine): every run trained, evaluated, tabled."""
     data, work = tmp_path / "data", tmp_path / "wd"
     args = ["quickstart", "--iters", "4", "--data-root", str(data), "--work-dir", str(work),
-            "--set", "train.debug_interval=0"]  # fmt: skip
+            "--set", "train.debug_interval=0", "--jobs", "2"]  # fmt: skip
     assert main(args) == 0
-    out = capsys.readouterr().out
+    out, err = capfd.readouterr()
     assert "gain over source-only" in out and re.search(r"^\| source_only +\| ", out, re.M)
+    assert "4 runs, 2 at a time with " in out
+    for method in ("source_only", "daformer", "dida", "dida_intended"):  # one line per job's log
+        assert re.search(rf"^[0-9:]+ \[{method} seed 0\] INFO finished in ", err, re.M), method
+        assert re.search(rf"^      {method} \(seed 0\): mIoU [0-9.]+$", out, re.M), method
     methods = ("source_only", "daformer", "dida", "dida_intended")
     for method in methods:
         run = work / "seed0" / method
@@ -37,7 +42,7 @@ def test_quickstart_smoke(tmp_path: Path, capsys: pytest.CaptureFixture[str]) ->
     assert json.loads((data / "benchmark.json").read_text())["params"]["n_val"] == 100
     # a second run reuses the generated data
     assert main(args[:1] + ["--methods", "source_only"] + args[1:]) == 0
-    assert "reused" in capsys.readouterr().out
+    assert "reused" in capfd.readouterr().out
 
 
 @pytest.mark.parametrize(
@@ -112,7 +117,7 @@ def test_ctrl_c_stops_the_whole_quickstart_and_a_rerun_continues(
              "cityscapes_root": str(tiny_uda_root / "cityscapes"), "cached": True}  # fmt: skip
     monkeypatch.setattr(dida.data.benchmark, "make_synthetic_benchmark", lambda *a, **k: roots)
     work = tmp_path / "wd"
-    args = ["quickstart", "--iters", "3", "--methods", "source_only", "daformer",
+    args = ["quickstart", "--iters", "3", "--methods", "source_only", "daformer", "--jobs", "1",
             "--work-dir", str(work), "--data-root", str(tmp_path / "data")]  # fmt: skip
     for item in tiny_overrides(tiny_uda_root):
         if not item.startswith(("method.name=", "train.max_iters=")):
@@ -141,3 +146,45 @@ def test_ctrl_c_stops_the_whole_quickstart_and_a_rerun_continues(
     assert "resumed from" in out.err and re.search(r"^\| daformer +\| ", out.out, re.M)
     summary = json.loads((work / "summary.json").read_text())
     assert set(summary) == {"source_only", "daformer"}
+
+
+@pytest.mark.slow
+def test_ctrl_c_stops_every_job_once_and_keeps_their_checkpoints(
+    tiny_uda_root: Path, tmp_path: Path
+) -> None:
+    """Ctrl-C on a terminal reaches the quickstart's process group; the jobs live in their own,
+    so each gets one SIGINT from the quickstart: it finishes its iteration and checkpoints. A
+    queued run does not start."""
+    import os
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    from conftest import tiny_overrides
+
+    work = tmp_path / "wd"
+    args = [sys.executable, "-m", "dida.cli.main", "quickstart", "--iters", "100000", "--jobs",
+            "2", "--methods", "source_only", "daformer", "dida", "--work-dir", str(work),
+            "--data-root", str(tmp_path / "data")]  # fmt: skip
+    for item in tiny_overrides(tiny_uda_root):
+        if not item.startswith(("method.name=", "train.max_iters=", "train.checkpoint_")):
+            args += ["--set", item]
+    restore = lambda: signal.signal(signal.SIGINT, signal.SIG_DFL)  # noqa: E731  (as a shell)
+    proc = subprocess.Popen(args, start_new_session=True, preexec_fn=restore, text=True,
+                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT)  # fmt: skip
+    started = [work / "seed0" / m / "metrics.jsonl" for m in ("daformer", "dida")]  # longest first
+    deadline = time.monotonic() + 120
+    while not all(p.is_file() for p in started) and proc.poll() is None:
+        assert time.monotonic() < deadline, "the jobs did not start"
+        time.sleep(0.2)
+    os.killpg(proc.pid, signal.SIGINT)
+    out, _ = proc.communicate(timeout=60)
+    assert proc.returncode == 130, out
+    assert "quickstart stopped at run 1/3 (source_only, seed 0)" in out
+    assert out.count("writing a checkpoint (again to abort)") == 2  # once per job, no abort
+    for method in ("daformer", "dida"):
+        run = work / "seed0" / method
+        assert (run / "latest.pth").is_file() and not (run / "preds").exists()
+    assert not (work / "seed0" / "source_only").exists()  # queued, never started
+    assert not (work / "summary.json").exists()

@@ -9,10 +9,18 @@ and prints a comparison table.
 from __future__ import annotations
 
 import argparse
+import contextlib
+import io
 import json
 import math
+import os
+import signal
 import time
 from pathlib import Path
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    from dida.config import ExperimentConfig
 
 NAME = "quickstart"
 HELP = "synthetic source->target benchmark: generate, train 4 methods, evaluate, compare (CPU)"
@@ -33,6 +41,11 @@ ImageNet feature distance is switched off. `--methods mic dida_mic` trains MIC (
 consistency, 8-px blocks on the 128-px crops) on DAFormer and on DIDA as released; they are not
 part of the default run.
 
+Runs train side by side, each in its own process with its share of the CPU threads (--jobs; on
+2 cores: 2 runs with 1 thread each, about 1.25x the throughput of one run with 2 threads,
+measured). A run's numbers depend on its thread count, so --jobs and --threads are part of a
+result.
+
 Finished runs are reused: running the same command again (e.g. after Ctrl-C, which stops the
 whole quickstart with exit code 130) continues where it stopped. A run folder holding a run with
 other settings is refused; choose another --work-dir.
@@ -49,6 +62,10 @@ METHODS = {
 }
 # the methods a plain `dida quickstart` trains (its time budget); the others are opt-in
 DEFAULT_METHODS = ("source_only", "daformer", "dida", "dida_intended")
+# relative training time of a run (measured, 500 iterations): with --jobs > 1 the longest runs
+# start first, so that the jobs finish close together
+COST = {"source_only": 1.0, "daformer": 2.2, "dida": 2.6, "dida_intended": 2.2, "mic": 3.1,
+        "dida_mic": 3.3}  # fmt: skip
 # MIC at the quickstart's scale: 8-px blocks on the 128-px crop keep the published 16×16 grid
 # of blocks (64 px on HRDA's 1024 crops, 32 px on DAFormer's 512 crops); ratio 0.7, λ 1
 MIC_OVERRIDES = ["method.mic.enabled=true", "method.mic.block_size=8"]
@@ -95,6 +112,11 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         metavar="KEY=VALUE", help="config override for every run")  # fmt: skip
     parser.add_argument("--nproc", type=int, default=2,
                         help="processes for data generation (default 2)")  # fmt: skip
+    parser.add_argument("--jobs", type=int,
+                        help="runs trained at once, each in its own process with an equal share "
+                        "of the threads that --threads gives the quickstart (default: one run "
+                        "per thread, at most one per run; 1: one after another in this process "
+                        "with every thread)")  # fmt: skip
 
 
 def _config(args: argparse.Namespace, method: str, seed: int, gen: dict):  # noqa: ANN202
@@ -119,7 +141,7 @@ def _check_args(args: argparse.Namespace) -> None:
     from dida.errors import UserError
     from dida.io_safety import check_writable_dir
 
-    for name in ("seeds", "iters", "nproc"):
+    for name in ("seeds", "iters", "nproc", "jobs"):
         value = getattr(args, name)
         if value is not None and value < 1:
             raise UserError(f"--{name} {value}: expected 1 or more")
@@ -164,7 +186,10 @@ def _first_difference(a: dict, b: dict, prefix: str = "") -> str | None:
     return None
 
 
-def _train_and_test(cfg, run_dir: Path) -> dict:  # noqa: ANN001
+def _train_and_test(cfg, run_dir: Path, job: bool = False) -> dict:  # noqa: ANN001
+    """Train (or continue, or reuse) the run in `run_dir` and evaluate it; its results.json.
+
+    `job`: in a job process, whose console other jobs share (the evaluation stays quiet)."""
     from dida.cli.main import main
     from dida.engine.checkpoint import find_latest
     from dida.engine.train import train
@@ -178,7 +203,9 @@ def _train_and_test(cfg, run_dir: Path) -> dict:  # noqa: ANN001
         print("      finished earlier: reusing its results", flush=True)
         return json.loads(results.read_text())
     train(cfg, run_dir, resume=resume)
-    code = main(["test", str(run_dir), "--show-dir", str(run_dir / "preds"), "--quiet"])
+    test = ["test", str(run_dir), "--show-dir", str(run_dir / "preds"), "--quiet"]
+    with contextlib.redirect_stdout(io.StringIO()) if job else contextlib.nullcontext():
+        code = main(test)
     if code == 130:
         raise KeyboardInterrupt
     if code != 0:
@@ -216,6 +243,118 @@ def _table(results: dict[str, list[dict]]) -> str:
     return "\n".join([fmt(header), line, *[fmt(r) for r in rows]])
 
 
+def _cpu_threads() -> int:
+    """The threads this quickstart may use: --threads or OMP_NUM_THREADS (the CLI sets it when
+    other work keeps cores busy), else one per CPU it may run on."""
+    with contextlib.suppress(ValueError):
+        return max(1, int(os.environ.get("OMP_NUM_THREADS", "")))
+    return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
+
+
+_stop = None  # in a job process: the quickstart's "stop" event (Ctrl-C)
+
+
+def _init_job(threads: int, stop) -> None:  # noqa: ANN001
+    """A job process: its own process group, so that Ctrl-C on the terminal reaches the
+    quickstart alone, which then stops each job once (a second Ctrl-C: at once)."""
+    global _stop
+    _stop = stop
+    os.setpgrp()
+    signal.signal(signal.SIGINT, signal.SIG_IGN)  # a training installs its own handler
+    os.environ["OMP_NUM_THREADS"] = str(threads)
+    from dida.cli.main import quiet_library_warnings
+
+    quiet_library_warnings()
+    import torch
+
+    torch.set_num_threads(threads)
+
+
+def _job(
+    n: int, total: int, seed: int, method: str, cfg: ExperimentConfig, run_dir: Path
+) -> tuple[int, dict | None]:
+    """One run in a job process: (n, its results), or (n, None) when Ctrl-C stopped it."""
+    from dida.engine.logging import set_console_tag
+
+    if _stop is not None and _stop.is_set():  # queued before Ctrl-C: not started
+        return n, None
+    set_console_tag(f"[{method} seed {seed}]")
+    print(f"[2/3] run {n}/{total}, seed {seed}: {method} ({cfg.train.max_iters} iterations) -> "
+          f"{run_dir}", flush=True)  # fmt: skip
+    try:
+        return n, _train_and_test(cfg, run_dir, job=True)
+    except KeyboardInterrupt:  # TrainingInterrupted: the checkpoint is written
+        return n, None
+
+
+def _stop_jobs(futures: list, stop) -> None:  # noqa: ANN001
+    """Ctrl-C: cancel the runs not started and stop the running ones once (they finish their
+    iteration and write a checkpoint); another Ctrl-C while waiting stops them at once."""
+    import multiprocessing
+    from concurrent.futures import wait
+
+    stop.set()
+    for future in futures:
+        future.cancel()
+    while True:
+        for child in multiprocessing.active_children():
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(child.pid, signal.SIGINT)
+        try:
+            wait(futures)
+            return
+        except KeyboardInterrupt:
+            continue
+
+
+def _run_jobs(runs: list, jobs: int, threads: int) -> dict[int, dict]:
+    """Train and evaluate `runs` = [(n, seed, method, cfg, run_dir)] in `jobs` processes, longest
+    first; {n: results}. Raises `Interrupted` naming the first run that Ctrl-C stopped."""
+    import multiprocessing
+    from concurrent.futures import ProcessPoolExecutor, as_completed
+    from concurrent.futures.process import BrokenProcessPool
+
+    from dida.errors import Interrupted, UserError
+
+    order = sorted(runs, key=lambda r: (-COST.get(r[2], 1.0), r[0]))
+    results: dict[int, dict] = {}
+    stopped: list[int] = []
+    context = multiprocessing.get_context("spawn")  # no forked copy of this process's threads
+    stop = context.Event()
+    with ProcessPoolExecutor(jobs, mp_context=context, initializer=_init_job,
+                             initargs=(threads, stop)) as pool:  # fmt: skip
+        futures = [pool.submit(_job, n, len(runs), seed, method, cfg, run_dir)
+                   for n, seed, method, cfg, run_dir in order]  # fmt: skip
+        try:
+            for future in as_completed(futures):
+                n, result = future.result()
+                if result is None:
+                    stopped.append(n)
+                    raise KeyboardInterrupt
+                results[n] = result
+                _, seed, method, _, _ = next(r for r in runs if r[0] == n)
+                print(f"      {method} (seed {seed}): mIoU {100 * result['mIoU']:.2f}", flush=True)
+        except KeyboardInterrupt:
+            _stop_jobs(futures, stop)
+            stopped += [f.result()[0] for f in futures if not f.cancelled()
+                        and f.exception() is None and f.result()[1] is None]  # fmt: skip
+            first = min(stopped or [n for n, *_ in runs if n not in results])
+            _, seed, method, _, _ = runs[first - 1]
+            raise Interrupted(
+                f"quickstart stopped at run {first}/{len(runs)} ({method}, seed {seed}); "
+                "nothing partial is scored, finished runs are kept: run the same command again "
+                "to continue"
+            ) from None
+        except BrokenProcessPool:
+            raise UserError(
+                "a quickstart job process died (out of memory?); try again with --jobs 1"
+            ) from None
+        except BaseException:
+            _stop_jobs(futures, stop)
+            raise
+    return results
+
+
 def run(args: argparse.Namespace) -> int:
     from dida.data.benchmark import make_synthetic_benchmark
     from dida.engine.logging import format_duration
@@ -229,22 +368,38 @@ def run(args: argparse.Namespace) -> int:
     how = "reused" if gen["cached"] else f"generated in {gen['seconds']:.0f} s"
     print(f"      {how}: source {gen['gta_root']}, target {gen['cityscapes_root']}")
     print("      note: no pretrained weights offline: random init, ImageNet feature distance off")
-    results: dict[str, list[dict]] = {m: [] for m in args.methods}
-    runs = [(seed, method) for seed in range(args.seeds) for method in args.methods]
-    for n, (seed, method) in enumerate(runs, 1):
+    runs = []
+    for n, (seed, method) in enumerate(
+        [(seed, method) for seed in range(args.seeds) for method in args.methods], 1
+    ):
         cfg = _config(args, method, seed, gen)
         run_dir = args.work_dir / f"seed{seed}" / method
-        print(f"[2/3] run {n}/{len(runs)}, seed {seed}: {method} ({cfg.train.max_iters} "
-              f"iterations) -> {run_dir}", flush=True)  # fmt: skip
-        try:
-            results[method].append(_train_and_test(cfg, run_dir))
-        except KeyboardInterrupt:  # also TrainingInterrupted: the checkpoint is written
-            raise Interrupted(
-                f"quickstart stopped at run {n}/{len(runs)} ({method}, seed {seed}); nothing "
-                "partial is scored, finished runs are kept: run the same command again to "
-                "continue"
-            ) from None
-        print(f"      {method}: mIoU {100 * results[method][-1]['mIoU']:.2f}", flush=True)
+        _existing_run(cfg, run_dir)  # a folder with a run of other settings: refused up front
+        runs.append((n, seed, method, cfg, run_dir))
+    cpu_threads = _cpu_threads()
+    jobs = min(args.jobs or cpu_threads, len(runs))
+    if jobs > 1:
+        threads = max(1, cpu_threads // jobs)
+        print(f"      {len(runs)} runs, {jobs} at a time with {threads} thread(s) each "
+              "(--jobs 1: one after another)", flush=True)  # fmt: skip
+        by_run = _run_jobs(runs, jobs, threads)
+    else:
+        by_run = {}
+        for n, seed, method, cfg, run_dir in runs:
+            print(f"[2/3] run {n}/{len(runs)}, seed {seed}: {method} ({cfg.train.max_iters} "
+                  f"iterations) -> {run_dir}", flush=True)  # fmt: skip
+            try:
+                by_run[n] = _train_and_test(cfg, run_dir)
+            except KeyboardInterrupt:  # also TrainingInterrupted: the checkpoint is written
+                raise Interrupted(
+                    f"quickstart stopped at run {n}/{len(runs)} ({method}, seed {seed}); "
+                    "nothing partial is scored, finished runs are kept: run the same command "
+                    "again to continue"
+                ) from None
+            print(f"      {method}: mIoU {100 * by_run[n]['mIoU']:.2f}", flush=True)
+    results: dict[str, list[dict]] = {m: [] for m in args.methods}
+    for n, _, method, _, _ in runs:
+        results[method].append(by_run[n])
     print(f"[3/3] target val mIoU (mean over {args.seeds} seed(s)), per-class IoU:\n")
     print(_table(results))
     if "source_only" in results:

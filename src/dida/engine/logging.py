@@ -43,6 +43,16 @@ class _StderrHandler(logging.StreamHandler):
         pass
 
 
+# this process's name on a console that other processes share (`dida quickstart --jobs N`): its
+# log lines carry it, and it draws no progress bar (its iteration log lines show the progress)
+_console_tag = ""
+
+
+def set_console_tag(tag: str) -> None:
+    global _console_tag
+    _console_tag = tag
+
+
 def setup_logging(log_file: Path | None, is_main: bool = True) -> logging.Logger:
     """Configure the `dida` logger: INFO to stderr and `log_file` on rank 0, WARNING elsewhere."""
     teardown_logging()
@@ -51,7 +61,10 @@ def setup_logging(log_file: Path | None, is_main: bool = True) -> logging.Logger
     logger.propagate = False
     fmt = logging.Formatter("%(asctime)s %(levelname)s %(message)s", datefmt="%H:%M:%S")
     console = _StderrHandler()
-    console.setFormatter(fmt)
+    tag = f"{_console_tag} " if _console_tag else ""
+    console.setFormatter(
+        logging.Formatter(f"%(asctime)s {tag}%(levelname)s %(message)s", datefmt="%H:%M:%S")
+    )
     logger.addHandler(console)
     if is_main and log_file is not None:
         file_handler = logging.FileHandler(log_file)
@@ -134,7 +147,7 @@ class Progress:
         self, total: int, initial: int = 0, enabled: bool = True, desc: str = "train"
     ) -> None:
         self.total, self.done, self.desc = total, initial, desc
-        self.enabled = enabled and total > initial
+        self.enabled = enabled and total > initial and not _console_tag
         self._bar = None
         self._start = self._last = time.perf_counter()
         self._initial = initial
