@@ -259,7 +259,8 @@ def _init_job(threads: int, stop) -> None:  # noqa: ANN001
     quickstart alone, which then stops each job once (a second Ctrl-C: at once)."""
     global _stop
     _stop = stop
-    os.setpgrp()
+    if hasattr(os, "setpgrp"):  # POSIX
+        os.setpgrp()
     signal.signal(signal.SIGINT, signal.SIG_IGN)  # a training installs its own handler
     os.environ["OMP_NUM_THREADS"] = str(threads)
     from dida.cli.main import quiet_library_warnings
