@@ -97,6 +97,11 @@ def quiet_library_warnings() -> None:
         logger.addHandler(logging.NullHandler())
 
 
+def cpu_ids() -> list[int]:
+    """The CPUs this process may run on (Linux: its affinity); empty where the OS does not say."""
+    return sorted(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else []
+
+
 def busy_cpus(cpus: list[int], interval: float = 0.25) -> float | None:
     """How many of `cpus` other processes keep busy now: two samples of /proc/stat (Linux),
     `interval` seconds apart; None where /proc/stat is not readable."""
@@ -140,7 +145,7 @@ def configure_threads(threads: int | None, adapt: bool = True) -> str | None:
     """
     note = None
     user_threads = threads or os.environ.get("OMP_NUM_THREADS", "").strip()
-    cpus = sorted(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else []
+    cpus = cpu_ids()
     if adapt and not user_threads and len(cpus) > 1 and "torch" not in sys.modules:
         busy = busy_cpus(cpus)
         free = len(cpus) - busy if busy is not None else len(cpus)

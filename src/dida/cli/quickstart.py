@@ -17,7 +17,9 @@ import os
 import signal
 import time
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, NamedTuple
+
+from dida.errors import Interrupted, UserError
 
 if TYPE_CHECKING:
     from dida.config import ExperimentConfig
@@ -138,7 +140,6 @@ def _config(args: argparse.Namespace, method: str, seed: int, gen: dict):  # noq
 def _check_args(args: argparse.Namespace) -> None:
     """One-line errors for arguments that cannot run; defaults in the project folder."""
     from dida.config import project_root
-    from dida.errors import UserError
     from dida.io_safety import check_writable_dir
 
     for name in ("seeds", "iters", "nproc", "jobs"):
@@ -158,7 +159,6 @@ def _existing_run(cfg, run_dir: Path) -> str | None:  # noqa: ANN001
     """
     from dida.config import config_to_dict, resolve_paths
     from dida.engine.run_dir import holds_run
-    from dida.errors import UserError
 
     if not holds_run(run_dir):
         return None
@@ -193,7 +193,6 @@ def _train_and_test(cfg, run_dir: Path, job: bool = False) -> dict:  # noqa: ANN
     from dida.cli.main import main
     from dida.engine.checkpoint import find_latest
     from dida.engine.train import train
-    from dida.errors import UserError
 
     resume = _existing_run(cfg, run_dir)
     results = run_dir / "preds" / "results.json"
@@ -243,12 +242,38 @@ def _table(results: dict[str, list[dict]]) -> str:
     return "\n".join([fmt(header), line, *[fmt(r) for r in rows]])
 
 
+def _say(line: str) -> None:
+    """Print `line` in one write, so that job processes sharing the console do not split it."""
+    print(line + "\n", end="", flush=True)
+
+
+class _Run(NamedTuple):
+    n: int  # 1-based, in the order seed-major, then --methods
+    seed: int
+    method: str
+    cfg: ExperimentConfig
+    run_dir: Path
+
+    def announce(self, total: int) -> None:
+        _say(f"[2/3] run {self.n}/{total}, seed {self.seed}: {self.method} "
+             f"({self.cfg.train.max_iters} iterations) -> {self.run_dir}")  # fmt: skip
+
+    def stopped(self, total: int) -> Interrupted:
+        return Interrupted(
+            f"quickstart stopped at run {self.n}/{total} ({self.method}, seed {self.seed}); "
+            "nothing partial is scored, finished runs are kept: run the same command again to "
+            "continue"
+        )
+
+
 def _cpu_threads() -> int:
     """The threads this quickstart may use: --threads or OMP_NUM_THREADS (the CLI sets it when
     other work keeps cores busy), else one per CPU it may run on."""
+    from dida.cli.main import cpu_ids
+
     with contextlib.suppress(ValueError):
         return max(1, int(os.environ.get("OMP_NUM_THREADS", "")))
-    return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
+    return len(cpu_ids()) or os.cpu_count() or 1
 
 
 _stop = None  # in a job process: the quickstart's "stop" event (Ctrl-C)
@@ -271,21 +296,18 @@ def _init_job(threads: int, stop) -> None:  # noqa: ANN001
     torch.set_num_threads(threads)
 
 
-def _job(
-    n: int, total: int, seed: int, method: str, cfg: ExperimentConfig, run_dir: Path
-) -> tuple[int, dict | None]:
+def _job(run: _Run, total: int) -> tuple[int, dict | None]:
     """One run in a job process: (n, its results), or (n, None) when Ctrl-C stopped it."""
     from dida.engine.logging import set_console_tag
 
     if _stop is not None and _stop.is_set():  # queued before Ctrl-C: not started
-        return n, None
-    set_console_tag(f"[{method} seed {seed}]")
-    print(f"[2/3] run {n}/{total}, seed {seed}: {method} ({cfg.train.max_iters} iterations) -> "
-          f"{run_dir}", flush=True)  # fmt: skip
+        return run.n, None
+    set_console_tag(f"[{run.method} seed {run.seed}]")
+    run.announce(total)
     try:
-        return n, _train_and_test(cfg, run_dir, job=True)
+        return run.n, _train_and_test(run.cfg, run.run_dir, job=True)
     except KeyboardInterrupt:  # TrainingInterrupted: the checkpoint is written
-        return n, None
+        return run.n, None
 
 
 def _stop_jobs(futures: list, stop) -> None:  # noqa: ANN001
@@ -308,44 +330,37 @@ def _stop_jobs(futures: list, stop) -> None:  # noqa: ANN001
             continue
 
 
-def _run_jobs(runs: list, jobs: int, threads: int) -> dict[int, dict]:
-    """Train and evaluate `runs` = [(n, seed, method, cfg, run_dir)] in `jobs` processes, longest
-    first; {n: results}. Raises `Interrupted` naming the first run that Ctrl-C stopped."""
+def _run_jobs(runs: list[_Run], jobs: int, threads: int) -> dict[int, dict]:
+    """Train and evaluate `runs` in `jobs` processes, longest first; {n: results}. Raises
+    `Interrupted` naming the first run that Ctrl-C left unfinished."""
     import multiprocessing
     from concurrent.futures import ProcessPoolExecutor, as_completed
     from concurrent.futures.process import BrokenProcessPool
 
-    from dida.errors import Interrupted, UserError
-
-    order = sorted(runs, key=lambda r: (-COST.get(r[2], 1.0), r[0]))
+    order = sorted(runs, key=lambda r: (-COST.get(r.method, 1.0), r.n))
     results: dict[int, dict] = {}
-    stopped: list[int] = []
     context = multiprocessing.get_context("spawn")  # no forked copy of this process's threads
     stop = context.Event()
     with ProcessPoolExecutor(jobs, mp_context=context, initializer=_init_job,
                              initargs=(threads, stop)) as pool:  # fmt: skip
-        futures = [pool.submit(_job, n, len(runs), seed, method, cfg, run_dir)
-                   for n, seed, method, cfg, run_dir in order]  # fmt: skip
+        futures = [pool.submit(_job, run, len(runs)) for run in order]
         try:
             for future in as_completed(futures):
                 n, result = future.result()
-                if result is None:
-                    stopped.append(n)
+                if result is None:  # this job was stopped: stop the others too
                     raise KeyboardInterrupt
                 results[n] = result
-                _, seed, method, _, _ = next(r for r in runs if r[0] == n)
-                print(f"      {method} (seed {seed}): mIoU {100 * result['mIoU']:.2f}", flush=True)
+                run = runs[n - 1]
+                _say(f"      {run.method} (seed {run.seed}): mIoU {100 * result['mIoU']:.2f}")
         except KeyboardInterrupt:
             _stop_jobs(futures, stop)
-            stopped += [f.result()[0] for f in futures if not f.cancelled()
-                        and f.exception() is None and f.result()[1] is None]  # fmt: skip
-            first = min(stopped or [n for n, *_ in runs if n not in results])
-            _, seed, method, _, _ = runs[first - 1]
-            raise Interrupted(
-                f"quickstart stopped at run {first}/{len(runs)} ({method}, seed {seed}); "
-                "nothing partial is scored, finished runs are kept: run the same command again "
-                "to continue"
-            ) from None
+            for future in futures:  # runs that finished while the others stopped count
+                if not future.cancelled() and future.exception() is None:
+                    n, result = future.result()
+                    if result is not None:
+                        results[n] = result
+            first = min(run.n for run in runs if run.n not in results)
+            raise runs[first - 1].stopped(len(runs)) from None
         except BrokenProcessPool:
             raise UserError(
                 "a quickstart job process died (out of memory?); try again with --jobs 1"
@@ -359,7 +374,6 @@ def _run_jobs(runs: list, jobs: int, threads: int) -> dict[int, dict]:
 def run(args: argparse.Namespace) -> int:
     from dida.data.benchmark import make_synthetic_benchmark
     from dida.engine.logging import format_duration
-    from dida.errors import Interrupted
     from dida.io_safety import atomic_write
 
     _check_args(args)
@@ -370,13 +384,12 @@ def run(args: argparse.Namespace) -> int:
     print(f"      {how}: source {gen['gta_root']}, target {gen['cityscapes_root']}")
     print("      note: no pretrained weights offline: random init, ImageNet feature distance off")
     runs = []
-    for n, (seed, method) in enumerate(
-        [(seed, method) for seed in range(args.seeds) for method in args.methods], 1
-    ):
-        cfg = _config(args, method, seed, gen)
-        run_dir = args.work_dir / f"seed{seed}" / method
-        _existing_run(cfg, run_dir)  # a folder with a run of other settings: refused up front
-        runs.append((n, seed, method, cfg, run_dir))
+    for seed in range(args.seeds):
+        for method in args.methods:
+            run = _Run(len(runs) + 1, seed, method, _config(args, method, seed, gen),
+                       args.work_dir / f"seed{seed}" / method)  # fmt: skip
+            _existing_run(run.cfg, run.run_dir)  # a run of other settings: refused up front
+            runs.append(run)
     cpu_threads = _cpu_threads()
     jobs = min(args.jobs or cpu_threads, len(runs))
     if jobs > 1:
@@ -386,21 +399,16 @@ def run(args: argparse.Namespace) -> int:
         by_run = _run_jobs(runs, jobs, threads)
     else:
         by_run = {}
-        for n, seed, method, cfg, run_dir in runs:
-            print(f"[2/3] run {n}/{len(runs)}, seed {seed}: {method} ({cfg.train.max_iters} "
-                  f"iterations) -> {run_dir}", flush=True)  # fmt: skip
+        for run in runs:
+            run.announce(len(runs))
             try:
-                by_run[n] = _train_and_test(cfg, run_dir)
+                by_run[run.n] = _train_and_test(run.cfg, run.run_dir)
             except KeyboardInterrupt:  # also TrainingInterrupted: the checkpoint is written
-                raise Interrupted(
-                    f"quickstart stopped at run {n}/{len(runs)} ({method}, seed {seed}); "
-                    "nothing partial is scored, finished runs are kept: run the same command "
-                    "again to continue"
-                ) from None
-            print(f"      {method}: mIoU {100 * by_run[n]['mIoU']:.2f}", flush=True)
+                raise run.stopped(len(runs)) from None
+            print(f"      {run.method}: mIoU {100 * by_run[run.n]['mIoU']:.2f}", flush=True)
     results: dict[str, list[dict]] = {m: [] for m in args.methods}
-    for n, _, method, _, _ in runs:
-        results[method].append(by_run[n])
+    for run in runs:
+        results[run.method].append(by_run[run.n])
     print(f"[3/3] target val mIoU (mean over {args.seeds} seed(s)), per-class IoU:\n")
     print(_table(results))
     if "source_only" in results:

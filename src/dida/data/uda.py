@@ -72,9 +72,8 @@ class UDADataset(Dataset):
 
     def cache_bytes(self) -> int:
         """Upper bound of the memory that keeping every resized item of both domains takes."""
-        area = lambda scale: max(scale) * min(scale)  # noqa: E731  (keep-ratio: inside the box)
-        return 4 * (area(self.source_scale) * len(self.source)
-                    + area(self.target_scale) * len(self.target))  # fmt: skip
+        (sw, sh), (tw, th) = self.source_scale, self.target_scale  # keep-ratio: inside the box
+        return 4 * (sw * sh * len(self.source) + tw * th * len(self.target))
 
     def _resized(self, domain: str, index: int) -> tuple[np.ndarray, np.ndarray | None]:
         """Item `index` of the source (image, label) or of the target (image, pseudo-label

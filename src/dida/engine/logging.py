@@ -59,12 +59,11 @@ def setup_logging(log_file: Path | None, is_main: bool = True) -> logging.Logger
     logger = logging.getLogger(LOGGER_NAME)
     logger.setLevel(logging.INFO if is_main else logging.WARNING)
     logger.propagate = False
-    fmt = logging.Formatter("%(asctime)s %(levelname)s %(message)s", datefmt="%H:%M:%S")
+    line = "%(asctime)s {}%(levelname)s %(message)s"  # {}: the console tag (the file has none)
+    fmt = logging.Formatter(line.format(""), datefmt="%H:%M:%S")
     console = _StderrHandler()
     tag = f"{_console_tag} " if _console_tag else ""
-    console.setFormatter(
-        logging.Formatter(f"%(asctime)s {tag}%(levelname)s %(message)s", datefmt="%H:%M:%S")
-    )
+    console.setFormatter(logging.Formatter(line.format(tag), datefmt="%H:%M:%S"))
     logger.addHandler(console)
     if is_main and log_file is not None:
         file_handler = logging.FileHandler(log_file)
