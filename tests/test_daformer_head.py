@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import pytest
 import torch
+from torch import nn
 
 from dida.models import DAFormerHead
 
@@ -75,15 +76,23 @@ def test_dropout_only_in_train() -> None:
     assert not torch.allclose(c, d)
 
 
-@pytest.mark.parametrize("dilation", [2, 6])
-def test_dilated_depthwise_conv_gradients_equal_the_convolution(dilation: int) -> None:
+@pytest.mark.parametrize(
+    ("dilation", "size"),
+    [(2, (13, 11)), (6, (13, 11)), (40, (13, 11)), (3, (67, 65))],
+    ids=["d2-taps", "d6-taps", "d40-taps", "d3-onednn"],
+)
+def test_dilated_depthwise_conv_gradients_equal_the_convolution(
+    dilation: int, size: tuple[int, int]
+) -> None:
     """The CPU path of the ASPP's dilated depthwise convs (input gradient through the flipped
-    kernel) gives the convolution's own values and gradients, also under bf16 autocast."""
-    from dida.models.layers import ConvBNReLU, _conv
+    kernel; weight gradient by taps on small maps, oneDNN's on maps over 64×64) gives the
+    convolution's own values and gradients, also under bf16 autocast."""
+    from dida.models.layers import _SMALL_MAP, ConvBNReLU, _conv
 
+    assert (size[0] * size[1] <= _SMALL_MAP) == (size[0] < 64)
     torch.manual_seed(0)
     block = ConvBNReLU(8, 8, 3, padding=dilation, dilation=dilation, groups=8).double()
-    x = torch.randn(2, 8, 13, 11, dtype=torch.float64, requires_grad=True)
+    x = torch.randn(2, 8, *size, dtype=torch.float64, requires_grad=True)
     conv = block.conv
     out, ref = _conv(conv, x), conv(x)
     grad = torch.randn_like(ref)
@@ -102,3 +111,42 @@ def test_dilated_depthwise_conv_gradients_equal_the_convolution(dilation: int) -
     for a, b in zip(got, want, strict=True):
         assert a.dtype == torch.float32
         torch.testing.assert_close(a, b, rtol=2e-2, atol=2e-2)
+
+
+def test_pointwise_conv_equals_the_convolution() -> None:
+    """The CPU path of 1×1 convs in bf16 (matrix products) gives the convolution's values and
+    gradients: exactly in float64 through the autograd function, within bf16 rounding under
+    autocast, where `_conv` takes it; channels-last inputs and fp32 keep the convolution."""
+    from dida.models.layers import _conv, _PointwiseConv
+
+    torch.manual_seed(0)
+    conv = nn.Conv2d(24, 8, 1, bias=False).double()
+    x = torch.randn(3, 24, 7, 5, dtype=torch.float64, requires_grad=True)
+    out, ref = _PointwiseConv.apply(x, conv.weight), conv(x)
+    grad = torch.randn_like(ref)
+    got = torch.autograd.grad(out, (x, conv.weight), grad)
+    want = torch.autograd.grad(ref, (x, conv.weight), grad)
+    torch.testing.assert_close(out, ref, rtol=1e-12, atol=1e-12)
+    for a, b in zip(got, want, strict=True):
+        torch.testing.assert_close(a, b, rtol=1e-12, atol=1e-12)
+
+    conv = conv.float()
+    xf = x.detach().float().requires_grad_()
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        out, ref = _conv(conv, xf), conv(xf)
+        assert out.grad_fn is not None and "Pointwise" in type(out.grad_fn).__name__
+        with torch.no_grad():
+            inference = _conv(conv, xf)
+    assert out.dtype == ref.dtype == inference.dtype == torch.bfloat16
+    torch.testing.assert_close(out.float(), ref.float(), rtol=1e-2, atol=1e-2)
+    torch.testing.assert_close(inference, out, rtol=0, atol=0)
+    got = torch.autograd.grad(out.float().square().sum(), (xf, conv.weight))
+    want = torch.autograd.grad(ref.float().square().sum(), (xf, conv.weight))
+    for a, b in zip(got, want, strict=True):
+        assert a.dtype == torch.float32
+        torch.testing.assert_close(a, b, rtol=2e-2, atol=5e-2)
+
+    cl = xf.detach().contiguous(memory_format=torch.channels_last).requires_grad_()
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        assert "Pointwise" not in type(_conv(conv, cl).grad_fn).__name__
+    assert "Pointwise" not in type(_conv(conv, xf).grad_fn).__name__  # fp32
