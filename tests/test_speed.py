@@ -15,6 +15,7 @@ from dida.config import ExperimentConfig
 from dida.engine.optim import build_optimizer
 from dida.engine.speed import LossWindow, compiled_graphs, prepare_method, window_mean
 from dida.models import segmentor_from_config
+from dida.models.layers import is_dilated_depthwise
 
 # operators that wait for the device on CUDA
 SYNC_OPS = {"aten::_local_scalar_dense", "aten::nonzero", "aten::_unique2", "aten::equal"}
@@ -116,6 +117,44 @@ def test_low_precision_copies_give_the_same_outputs_and_follow_the_ema() -> None
     method.teacher.load_state_dict(state)
     torch.testing.assert_close(lp.module.head.conv_seg.weight,
                                method.teacher.model.head.conv_seg.weight.bfloat16())  # fmt: skip
+
+
+@pytest.mark.parametrize("name", ["daformer", "dida"])
+def test_the_student_cast_in_one_copy_changes_no_bit(name: str) -> None:
+    """Under bf16 autocast the student's weights cast by one multi-tensor copy per forward give
+    autocast's own losses, gradients and updated weights, bit for bit, with no per-weight cast
+    left in the step."""
+    method, step = _method(name, torch.bfloat16)
+    reference, ref_step = _method(name, torch.bfloat16)
+    assert method._student_cast is not None
+    reference._student_cast = None  # autocast casts each weight itself
+    for i in range(3):
+        torch.manual_seed(i)  # dropout and drop-path draw from the global generator
+        got = step(i)
+        torch.manual_seed(i)
+        want = ref_step(i)
+        torch.testing.assert_close(got, want, rtol=0, atol=0, equal_nan=True)
+        for (n, a), b in zip(method.student.named_parameters(), reference.student.parameters(),
+                             strict=True):  # fmt: skip
+            assert torch.equal(a, b), n
+    weights = sum(len(list(m.parameters(recurse=False))) for m in method.student.modules()
+                  if isinstance(m, (torch.nn.Linear, torch.nn.Conv2d)))  # fmt: skip
+    counts = []
+    for run in (step, ref_step):
+        with profile() as prof:
+            run(3)
+        counts.append((
+            sum(e.name == "aten::_to_copy"  # forward casts
+                and not any(c.startswith("autograd::engine") for c in _callers(e))
+                for e in prof.events()),
+            sum(e.name == "aten::_foreach_copy_" for e in prof.events()),
+        ))  # fmt: skip
+    (casts, copies), (ref_casts, _) = counts
+    # autocast casts each weight once per step (its cache), ours none but the dilated
+    # depthwise convs', which keep fp32 weights on the CPU; both cast images and blur kernels
+    kept = sum(is_dilated_depthwise(m) for m in method.student.modules())
+    assert ref_casts - casts >= weights - kept > 40
+    assert copies >= 4  # one copy forward and one backward per student forward
 
 
 def test_the_host_generator_of_a_gpu_generator_is_checkpointed() -> None:

@@ -30,7 +30,8 @@ from dida.config import HRDAConfig, MethodConfig
 from dida.data.transforms import IMG_MEAN, IMG_STD
 from dida.eval.inference import resize
 from dida.models.hrda import HRDAOutput, HRDASegmentor, crop_to_box
-from dida.models.precision import LowPrecisionCopy, cast_weights_
+from dida.models.layers import is_dilated_depthwise
+from dida.models.precision import LowPrecisionCopy, TrainedWeightCast, cast_weights_
 
 Backward = Callable[[torch.Tensor], None]
 
@@ -134,6 +135,7 @@ class SourceOnly(nn.Module):
         # student forwards go through this callable (a DDP or compiled wrapper once the engine
         # sets one), kept out of the module tree so that state_dict holds the student once
         object.__setattr__(self, "_forward", student)
+        self._student_cast: TrainedWeightCast | None = None
 
     def set_student_forward(self, wrapper: nn.Module) -> None:
         """Route student forwards through `wrapper` (DDP, compile); state stays in `student`."""
@@ -145,11 +147,17 @@ class SourceOnly(nn.Module):
             self.imnet.eval()
         return self
 
-    def use_low_precision_weights(self, dtype: torch.dtype) -> None:
-        """16-bit matmul/conv weights for the frozen models' forwards under autocast to `dtype`
-        (autocast then casts none of them per forward; outputs unchanged): the ImageNet encoder
-        is cast in place, each EMA teacher keeps a copy its update refreshes. Call it once the
-        method is on its device."""
+    def use_low_precision_weights(self, dtype: torch.dtype, cast_student: bool = True) -> None:
+        """16-bit matmul/conv weights for the forwards under autocast to `dtype` (autocast then
+        casts none of them per weight; outputs and gradients unchanged): the ImageNet encoder
+        is cast in place, each EMA teacher keeps a copy its update refreshes, and with
+        `cast_student` each student forward casts the student's in one multi-tensor copy
+        (`TrainedWeightCast`; the engine leaves it to the compiler under `train.compile`).
+        Call it once the method is on its device."""
+        if cast_student:  # the CPU's dilated depthwise convs take fp32 weights (fp32 gradients)
+            on_cpu = next(self.student.parameters()).device.type == "cpu"
+            keep = is_dilated_depthwise if on_cpu else None
+            self._student_cast = TrainedWeightCast(self.student, dtype, keep)
         if self.imnet is not None:
             cast_weights_(self.imnet, dtype)
         for module in self.modules():
@@ -201,10 +209,12 @@ class SourceOnly(nn.Module):
     ) -> HRDAOutput | tuple[torch.Tensor, ...]:
         """One student training forward: `(logits, embed[, features])`, or with HRDA an
         `HRDAOutput` with a fresh detail box (one per forward, from the method's host RNG)."""
-        if self.hrda is None:
-            return self._forward(img, return_features=return_features)
-        box = self.student.sample_box(img.shape[-2:], self.host_generator)  # a host decision
-        return self._forward(img, return_features=return_features, detail_box=box)
+        kwargs: dict = {"return_features": return_features}
+        if self.hrda is not None:
+            kwargs["detail_box"] = self.student.sample_box(img.shape[-2:], self.host_generator)
+        if self._student_cast is not None:
+            return self._student_cast(self._forward, img, **kwargs)
+        return self._forward(img, **kwargs)
 
     def _seg_forward_loss(
         self,

@@ -5,7 +5,8 @@
 
 * under bf16/fp16 autocast the frozen models keep 16-bit copies of their matmul/conv weights
   (the ImageNet encoder cast in place, the EMA teacher through a copy its update refreshes), so
-  autocast stops casting every weight again on every forward;
+  autocast stops casting every weight again on every forward; in eager mode the student's are
+  cast in one multi-tensor copy per forward and their gradients back in one per backward;
 * `train.compile`: `blocks` compiles each MiT block and decode head in place (regional
   compilation: one compiled graph per stage shape and mode serves all blocks, student, teacher and
   ImageNet encoder alike, so the compile time is that of a few blocks); `full` compiles the whole
@@ -43,7 +44,7 @@ def prepare_method(
     if compile_what not in COMPILE_MODES:
         raise ValueError(f"train.compile '{compile_what}': expected one of {COMPILE_MODES}")
     if dtype in (torch.bfloat16, torch.float16):
-        method.use_low_precision_weights(dtype)
+        method.use_low_precision_weights(dtype, cast_student=compile_what == "false")
     options = {} if mode == "default" else {"mode": mode}
     if compile_what == "full":
         if distributed:  # DDP wraps the student; compiling the wrapper is not supported here

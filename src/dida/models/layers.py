@@ -161,6 +161,18 @@ class _PointwiseConv(torch.autograd.Function):
         return grad_x, grad_w
 
 
+def is_dilated_depthwise(conv: nn.Module) -> bool:
+    """Whether `conv` is a "same"-padded dilated depthwise conv, trained on a CPU through
+    `_DilatedDepthwiseConv` (which takes its weight in fp32: its gradient may be fp32-exact)."""
+    return (
+        isinstance(conv, nn.Conv2d) and conv.groups == conv.in_channels == conv.out_channels
+        and conv.dilation[0] > 1 and conv.bias is None and conv.stride == (1, 1)
+        and conv.kernel_size[0] % 2 == 1 and conv.dilation[0] == conv.dilation[1]
+        and conv.kernel_size[0] == conv.kernel_size[1]
+        and conv.padding == (conv.dilation[0] * (conv.kernel_size[0] // 2),) * 2
+    )  # fmt: skip
+
+
 def _conv(conv: nn.Conv2d, x: torch.Tensor) -> torch.Tensor:
     """`conv(x)`, on a CPU through `_PointwiseConv` for a 1×1 conv of a contiguous input in bf16
     (in fp32 oneDNN's convolution is the faster: 157 against 295 ms, measured) and through
@@ -177,13 +189,7 @@ def _conv(conv: nn.Conv2d, x: torch.Tensor) -> torch.Tensor:
             return _PointwiseConv.apply(x, conv.weight)
         b, c, h, w = x.shape  # inference: the same products, no graph
         return torch.matmul(conv.weight.view(-1, c), x.view(b, c, h * w)).view(b, -1, h, w)
-    dilated_depthwise = (
-        conv.groups == conv.in_channels == conv.out_channels and conv.dilation[0] > 1
-        and conv.bias is None and conv.stride == (1, 1) and conv.kernel_size[0] % 2 == 1
-        and conv.dilation[0] == conv.dilation[1] and conv.kernel_size[0] == conv.kernel_size[1]
-        and conv.padding == (conv.dilation[0] * (conv.kernel_size[0] // 2),) * 2
-    )  # fmt: skip
-    if dilated_depthwise and torch.is_grad_enabled() and (
+    if is_dilated_depthwise(conv) and torch.is_grad_enabled() and (
         x.requires_grad or conv.weight.requires_grad
     ):
         return _DilatedDepthwiseConv.apply(x, conv.weight, conv.dilation[0])
