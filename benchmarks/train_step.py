@@ -15,7 +15,8 @@ Columns:
   s/it          median over --repeats timed steps (after --warmup steps, which include compiling)
   peak MB       CUDA `max_memory_allocated`; on the CPU the process's peak resident set (VmHWM)
   --profile adds one profiled step (torch.profiler) after the timed ones:
-  dispatches    ATen operators that do work (leaf operators, views and allocations excluded): on
+  dispatches    ATen operators that do work (leaf operators; views, allocations and memsets
+                excluded; an operator whose operators below only allocate counts once): on
                 CUDA each is one kernel launch or more, so the CPU count is the launch count a
                 GPU run would have, without a GPU; in brackets those of `optimizer.step()` (a
                 for-loop AdamW, the CPU default, dispatches ~10 per parameter; foreach/fused few)
@@ -59,7 +60,12 @@ VIEW_OPS = {
     "aten::_nested_tensor_from_mask_left_aligned", "aten::lift", "aten::conj",
     "aten::resolve_conj", "aten::resolve_neg", "aten::_neg_view", "aten::_conj",
     "aten::dropout", "aten::feature_dropout", "aten::real", "aten::imag", "aten::_fw_primal",
-    "aten::_make_dual",
+    "aten::_make_dual", "aten::as_strided_", "aten::new_empty", "aten::new_empty_strided",
+}  # fmt: skip
+# an allocation and a memset: the memset below is counted as one
+FILLED_ALLOCATIONS = {
+    "aten::zeros", "aten::zeros_like", "aten::new_zeros", "aten::ones", "aten::ones_like",
+    "aten::new_ones", "aten::full", "aten::full_like", "aten::new_full",
 }  # fmt: skip
 # zero_/fill_ are memsets (cudaMemsetAsync or a tiny kernel); they are counted apart below
 MEMSET_OPS = {"aten::zero_", "aten::fill_"}
@@ -183,7 +189,7 @@ def _profile(step, batch: dict, i: int, device) -> dict:  # noqa: ANN001
         elif name in MEMSET_OPS:
             memsets += 1
             continue
-        elif name in VIEW_OPS or _does_work_below(evt):
+        elif name in VIEW_OPS or name in FILLED_ALLOCATIONS or _does_work_below(evt):
             continue  # no work, or a composite counted through its leaves
         else:
             n = 1
@@ -209,7 +215,7 @@ def _does_work_below(evt) -> bool:  # noqa: ANN001
     for child in evt.cpu_children:
         name = child.name
         if name.startswith("aten::") and (
-            (name not in VIEW_OPS and name not in MEMSET_OPS) or _does_work_below(child)
+            name not in VIEW_OPS | MEMSET_OPS | FILLED_ALLOCATIONS or _does_work_below(child)
         ):
             return True
     return False
