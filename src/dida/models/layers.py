@@ -117,7 +117,16 @@ class _DilatedDepthwiseConv(torch.autograd.Function):
                 grad_w = grad_w.view_as(weight).to(ctx.dtypes[1])
             elif ctx.needs_input_grad[1]:
                 grad_w = torch.ops.aten.convolution_backward(
-                    grad, x, weight, None, [1, 1], [pad, pad], [d, d], False, [0, 0], groups,
+                    grad,
+                    x,
+                    weight,
+                    None,
+                    [1, 1],
+                    [pad, pad],
+                    [d, d],
+                    False,
+                    [0, 0],
+                    groups,
                     [False, True, False],
                 )[1].to(ctx.dtypes[1])
         return grad_x, grad_w, None
@@ -200,8 +209,10 @@ def _conv(conv: nn.Conv2d, x: torch.Tensor) -> torch.Tensor:
         if torch.is_grad_enabled() and (x.requires_grad or conv.weight.requires_grad):
             return _PointwiseConv.apply(x, conv.weight)
         return _pointwise(x, conv.weight)  # inference: the same products, no graph
-    if is_dilated_depthwise(conv) and torch.is_grad_enabled() and (
-        x.requires_grad or conv.weight.requires_grad
+    if (
+        is_dilated_depthwise(conv)
+        and torch.is_grad_enabled()
+        and (x.requires_grad or conv.weight.requires_grad)
     ):
         return _DilatedDepthwiseConv.apply(x, conv.weight, conv.dilation[0])
     return conv(x)

@@ -136,9 +136,12 @@ class TrainedWeightCast:
     def __call__(self, forward: nn.Module, *args, **kwargs):  # noqa: ANN002, ANN003, ANN204
         params = self._params
         device = params[0].device.type if params else "cpu"
-        if not params or not torch.is_autocast_enabled(device) or (
-            torch.get_autocast_dtype(device) != self.dtype
-        ) or any(p.dtype != torch.float32 for p in params):
+        if (
+            not params
+            or not torch.is_autocast_enabled(device)
+            or (torch.get_autocast_dtype(device) != self.dtype)
+            or any(p.dtype != torch.float32 for p in params)
+        ):
             return forward(*args, **kwargs)
         if self._names is None or self._names[0] != id(forward):
             where = {id(p): name for name, p in forward.named_parameters(remove_duplicate=False)}
