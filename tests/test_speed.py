@@ -21,10 +21,16 @@ from dida.models.layers import is_dilated_depthwise
 SYNC_OPS = {"aten::_local_scalar_dense", "aten::nonzero", "aten::_unique2", "aten::equal"}
 
 
-def _method(name: str, dtype: torch.dtype = torch.float32, compile_mode: str = "false"):  # noqa: ANN202
+def _method(  # noqa: ANN202
+    name: str,
+    dtype: torch.dtype = torch.float32,
+    compile_mode: str = "false",
+    checkpoint_encoder: bool = False,
+):
     """A mit_tiny method with the reference preset (input-resolution L_in, FD on) and its step."""
     cfg = ExperimentConfig()
     cfg.model.variant, cfg.model.embed_dim, cfg.model.dilations = "mit_tiny", 16, [1, 2]
+    cfg.model.checkpoint_encoder = checkpoint_encoder
     cfg.method.bank.size = 12
     cfg.method.teacher.ignore_top, cfg.method.teacher.ignore_bottom = 2, 4
     torch.manual_seed(0)
@@ -119,13 +125,17 @@ def test_low_precision_copies_give_the_same_outputs_and_follow_the_ema() -> None
                                method.teacher.model.head.conv_seg.weight.bfloat16())  # fmt: skip
 
 
-@pytest.mark.parametrize("name", ["daformer", "dida"])
-def test_the_student_cast_in_one_copy_changes_no_bit(name: str) -> None:
+@pytest.mark.parametrize(
+    ("name", "checkpointed"), [("daformer", False), ("dida", False), ("dida", True)]
+)
+def test_the_student_cast_in_one_copy_changes_no_bit(name: str, checkpointed: bool) -> None:
     """Under bf16 autocast the student's weights cast by one multi-tensor copy per forward give
-    autocast's own losses, gradients and updated weights, bit for bit, with no per-weight cast
-    left in the step."""
-    method, step = _method(name, torch.bfloat16)
-    reference, ref_step = _method(name, torch.bfloat16)
+    autocast's own losses, gradients and updated weights, bit for bit (also with the encoder's
+    activation checkpointing, whose recomputation runs outside the cast), with no per-weight
+    cast left in the step."""
+    method, step = _method(name, torch.bfloat16, checkpoint_encoder=checkpointed)
+    reference, ref_step = _method(name, torch.bfloat16, checkpoint_encoder=checkpointed)
+    assert method.student.encoder.grad_checkpointing == checkpointed
     assert method._student_cast is not None
     reference._student_cast = None  # autocast casts each weight itself
     for i in range(3):

@@ -1,4 +1,5 @@
-"""Low-precision weight copies of frozen or EMA models, for forwards under autocast.
+"""Low-precision weight copies of frozen or EMA models, for forwards under autocast, and the
+trained model's weights cast in one multi-tensor copy per forward (`TrainedWeightCast`).
 
 Autocast casts a layer's fp32 weights to bf16/fp16 on every call; it caches the casts of trainable
 weights only, so a frozen model (the EMA teacher, the ImageNet encoder of the feature distance)
