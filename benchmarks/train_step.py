@@ -69,6 +69,8 @@ FILLED_ALLOCATIONS = {
 }  # fmt: skip
 # zero_/fill_ are memsets (cudaMemsetAsync or a tiny kernel); they are counted apart below
 MEMSET_OPS = {"aten::zero_", "aten::fill_"}
+# operators that are no work of their own (memsets are counted apart)
+NO_WORK_OPS = VIEW_OPS | FILLED_ALLOCATIONS | MEMSET_OPS
 # operators that make the host wait for the device on CUDA
 SYNC_OPS = {
     "aten::_local_scalar_dense", "aten::nonzero", "aten::_unique", "aten::_unique2",
@@ -189,7 +191,7 @@ def _profile(step, batch: dict, i: int, device) -> dict:  # noqa: ANN001
         elif name in MEMSET_OPS:
             memsets += 1
             continue
-        elif name in VIEW_OPS or name in FILLED_ALLOCATIONS or _does_work_below(evt):
+        elif name in NO_WORK_OPS or _does_work_below(evt):
             continue  # no work, or a composite counted through its leaves
         else:
             n = 1
@@ -215,7 +217,7 @@ def _does_work_below(evt) -> bool:  # noqa: ANN001
     for child in evt.cpu_children:
         name = child.name
         if name.startswith("aten::") and (
-            name not in VIEW_OPS | MEMSET_OPS | FILLED_ALLOCATIONS or _does_work_below(child)
+            name not in NO_WORK_OPS or _does_work_below(child)
         ):
             return True
     return False

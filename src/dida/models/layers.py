@@ -50,6 +50,11 @@ class DropPath(nn.Module):
         return f"drop_prob={self.drop_prob:.3f}"
 
 
+def _cpu_compute_dtype(x: torch.Tensor) -> torch.dtype:
+    """The dtype a CPU op on `x` computes in: autocast's when it is on, else `x`'s own."""
+    return torch.get_autocast_dtype("cpu") if torch.is_autocast_enabled("cpu") else x.dtype
+
+
 # maps of at most this many pixels per image get the dilated depthwise weight gradient by taps
 _SMALL_MAP = 64 * 64
 
@@ -94,7 +99,7 @@ class _DilatedDepthwiseConv(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, x: torch.Tensor, weight: torch.Tensor, dilation: int) -> torch.Tensor:  # type: ignore[override]
-        dtype = torch.get_autocast_dtype("cpu") if torch.is_autocast_enabled("cpu") else x.dtype
+        dtype = _cpu_compute_dtype(x)
         xc, wc = x.to(dtype), weight.to(dtype)
         ctx.save_for_backward(xc, wc)
         ctx.dilation, ctx.dtypes = dilation, (x.dtype, weight.dtype)
@@ -112,23 +117,15 @@ class _DilatedDepthwiseConv(torch.autograd.Function):
             if ctx.needs_input_grad[0]:
                 grad_x = F.conv2d(grad, weight.flip(-1, -2), padding=pad, dilation=d,
                                   groups=groups).to(ctx.dtypes[0])  # fmt: skip
-            if ctx.needs_input_grad[1] and x.shape[2] * x.shape[3] <= _SMALL_MAP:
-                grad_w = _depthwise_weight_grad_by_taps(grad, x, d, weight.shape[-1])
+            if ctx.needs_input_grad[1]:
+                if x.shape[2] * x.shape[3] <= _SMALL_MAP:
+                    grad_w = _depthwise_weight_grad_by_taps(grad, x, d, weight.shape[-1])
+                else:  # oneDNN's, the weight gradient alone
+                    grad_w = torch.ops.aten.convolution_backward(
+                        grad, x, weight, None, [1, 1], [pad, pad], [d, d], False, [0, 0], groups,
+                        [False, True, False],
+                    )[1]  # fmt: skip
                 grad_w = grad_w.view_as(weight).to(ctx.dtypes[1])
-            elif ctx.needs_input_grad[1]:
-                grad_w = torch.ops.aten.convolution_backward(
-                    grad,
-                    x,
-                    weight,
-                    None,
-                    [1, 1],
-                    [pad, pad],
-                    [d, d],
-                    False,
-                    [0, 0],
-                    groups,
-                    [False, True, False],
-                )[1].to(ctx.dtypes[1])
         return grad_x, grad_w, None
 
 
@@ -157,7 +154,7 @@ class _PointwiseConv(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:  # type: ignore[override]
-        dtype = torch.get_autocast_dtype("cpu") if torch.is_autocast_enabled("cpu") else x.dtype
+        dtype = _cpu_compute_dtype(x)
         xc, wc = x.to(dtype), weight.to(dtype)
         ctx.save_for_backward(xc, wc)
         ctx.dtypes = (x.dtype, weight.dtype)
@@ -200,7 +197,7 @@ def _conv(conv: nn.Conv2d, x: torch.Tensor) -> torch.Tensor:
     `_DilatedDepthwiseConv` for a dilated depthwise conv being trained."""
     if x.device.type != "cpu":
         return conv(x)
-    dtype = torch.get_autocast_dtype("cpu") if torch.is_autocast_enabled("cpu") else x.dtype
+    dtype = _cpu_compute_dtype(x)
     if (
         dtype == torch.bfloat16 and conv.kernel_size == (1, 1) and conv.groups == 1
         and conv.bias is None and conv.stride == (1, 1) and conv.padding == (0, 0)
