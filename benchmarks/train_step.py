@@ -134,12 +134,19 @@ def _build(case: argparse.Namespace, device):  # noqa: ANN001, ANN202
         prepare_method(method, cfg.train.compile, dtype, mode=case.compile_mode)
     optimizer = build_optimizer(method.student, cfg.optim)
     scaler = torch.amp.GradScaler(device.type, enabled=dtype == torch.float16)
+    try:  # the engine's backward (later passes accumulate with one multi-tensor add)
+        from dida.engine.speed import StepBackward
+
+        backward = StepBackward(method.student.parameters(), scaler.scale)
+    except ImportError:  # an older tree: autograd's per-parameter accumulation
+        def backward(loss):  # noqa: ANN001, ANN202
+            return scaler.scale(loss).backward()
 
     def step(batch: dict, i: int) -> object:
         optimizer.zero_grad(set_to_none=True)
         method.update_teacher(i)
         with torch.autocast(device.type, dtype=dtype, enabled=dtype != torch.float32):
-            out = method.forward_backward(batch, i, lambda x: scaler.scale(x).backward(), False)
+            out = method.forward_backward(batch, i, backward, False)
         scaler.step(optimizer)
         scaler.update()
         return out

@@ -13,7 +13,13 @@ from dida.adapt.daformer import DAFormer
 from dida.adapt.dida import DIDA
 from dida.config import ExperimentConfig
 from dida.engine.optim import build_optimizer
-from dida.engine.speed import LossWindow, compiled_graphs, prepare_method, window_mean
+from dida.engine.speed import (
+    LossWindow,
+    StepBackward,
+    compiled_graphs,
+    prepare_method,
+    window_mean,
+)
 from dida.models import segmentor_from_config
 from dida.models.layers import is_dilated_depthwise
 
@@ -26,9 +32,14 @@ def _method(  # noqa: ANN202
     dtype: torch.dtype = torch.float32,
     compile_mode: str = "false",
     checkpoint_encoder: bool = False,
+    mic: bool = False,
+    engine_backward: bool = False,
 ):
-    """A mit_tiny method with the reference preset (input-resolution L_in, FD on) and its step."""
+    """A mit_tiny method with the reference preset (input-resolution L_in, FD on) and its step
+    (with MIC's masked-image pass when `mic`; autograd's backward, or the engine's
+    `StepBackward` when `engine_backward`)."""
     cfg = ExperimentConfig()
+    cfg.method.mic.enabled, cfg.method.mic.block_size = mic, 8
     cfg.model.variant, cfg.model.embed_dim, cfg.model.dilations = "mit_tiny", 16, [1, 2]
     cfg.model.checkpoint_encoder = checkpoint_encoder
     cfg.method.bank.size = 12
@@ -45,6 +56,7 @@ def _method(  # noqa: ANN202
     method.train()
     prepare_method(method, compile_mode, dtype)
     optimizer = build_optimizer(student, cfg.optim)
+    backward = StepBackward(student.parameters()) if engine_backward else torch.Tensor.backward
     g = torch.Generator().manual_seed(1)
     label = torch.randint(0, 19, (2, 4, 4), generator=g).repeat_interleave(12, 1)
     batch = {"src_img": torch.randn(2, 3, 48, 48, generator=g),
@@ -55,7 +67,7 @@ def _method(  # noqa: ANN202
         optimizer.zero_grad(set_to_none=True)
         method.update_teacher(i)
         with torch.autocast("cpu", dtype=dtype, enabled=dtype != torch.float32):
-            out = method.forward_backward(batch, i, lambda loss: loss.backward(), False)
+            out = method.forward_backward(batch, i, backward, False)
         optimizer.step()
         return out.losses
 
@@ -165,6 +177,38 @@ def test_the_student_cast_in_one_copy_changes_no_bit(name: str, checkpointed: bo
     kept = sum(is_dilated_depthwise(m) for m in method.student.modules())
     assert ref_casts - casts >= weights - kept > 40
     assert copies >= 4  # one copy forward and one backward per student forward
+
+
+@pytest.mark.parametrize(
+    ("name", "dtype", "mic"),
+    [("daformer", torch.float32, False), ("dida", torch.bfloat16, False),
+     ("dida", torch.float32, True)],
+)  # fmt: skip
+def test_later_backward_passes_add_their_gradients_in_one_go(
+    name: str, dtype: torch.dtype, mic: bool
+) -> None:
+    """The engine's backward gives autograd's losses and updated weights bit for bit over
+    steps of two (three with MIC) backward passes, without a per-parameter gradient add."""
+    method, step = _method(name, dtype, mic=mic, engine_backward=True)
+    reference, ref_step = _method(name, dtype, mic=mic)
+    for i in range(3):
+        torch.manual_seed(i)  # dropout and drop-path draw from the global generator
+        got = step(i)
+        torch.manual_seed(i)
+        want = ref_step(i)
+        assert ("masked.loss_seg" in got) == mic
+        torch.testing.assert_close(got, want, rtol=0, atol=0, equal_nan=True)
+        for (n, a), b in zip(method.student.named_parameters(), reference.student.parameters(),
+                             strict=True):  # fmt: skip
+            assert torch.equal(a, b), n
+    params = len(list(method.student.parameters()))
+    adds = []
+    for run in (step, ref_step):
+        with profile() as prof:
+            run(3)
+        adds.append(sum(e.name == "aten::add_" and "torch::autograd::AccumulateGrad" in _callers(e)
+                        for e in prof.events()))  # fmt: skip
+    assert adds[0] == 0 and adds[1] >= params * (2 if mic else 1) > 40
 
 
 def test_the_host_generator_of_a_gpu_generator_is_checkpointed() -> None:

@@ -12,6 +12,10 @@
   ImageNet encoder alike, so the compile time is that of a few blocks); `full` compiles the whole
   student as one graph; `false` (the default) stays eager.
 
+`StepBackward` is the engine's backward: a step's later backward passes (the mixed image after the
+source image, MIC's masked image) add their gradients to `.grad` in one multi-tensor add instead
+of autograd's one add per parameter; the same sums, so the same bits.
+
 `LossWindow` keeps the step's metrics on the device and reads them at log intervals with one
 copy, so that a step never waits for the device.
 """
@@ -79,6 +83,50 @@ def compile_regions(method: nn.Module, mode: str | None = None) -> int:
                 count += 1
     log.info("train.compile=blocks: %d MiT blocks and heads compiled in place", count)
     return count
+
+
+class StepBackward:
+    """`backward(loss)` for a method's step: `scale(loss).backward()`, with the gradients of every
+    pass after the first added to `.grad` in one multi-tensor add.
+
+    The first pass of a step (every `.grad` None after `zero_grad(set_to_none=True)`) is a plain
+    backward, which stores the gradients. A later one takes its gradients with
+    `torch.autograd.grad` and adds them with one `torch._foreach_add_`: for a MiT-B5 DIDA step
+    ~1,100 fewer kernel launches than autograd's per-parameter accumulation, with the same fp32
+    additions. It holds one pass's gradients at once (the size of `.grad`) until they are added.
+    `foreach=False` (several processes: DDP reduces gradients in autograd's accumulation hooks)
+    keeps plain backwards.
+
+    Example:
+        >>> backward = StepBackward(student.parameters(), scaler.scale, foreach=True)
+        >>> backward(source_loss); backward(mixed_loss)   # .grad holds the sum of both
+    """
+
+    def __init__(self, params, scale=None, foreach: bool = True) -> None:  # noqa: ANN001
+        self.params = [p for p in params if p.requires_grad]
+        self.scale = scale
+        self.foreach = foreach
+
+    def __call__(self, loss: torch.Tensor) -> None:
+        if self.scale is not None:
+            loss = self.scale(loss)
+        params = self.params
+        if not self.foreach or all(p.grad is None for p in params):
+            loss.backward()
+            return
+        grads = torch.autograd.grad(loss, params, allow_unused=True)
+        total, new = [], []
+        for param, grad in zip(params, grads, strict=True):
+            if grad is None:
+                continue
+            if param.grad is None:  # first used in this pass: stored in the parameter's layout
+                param.grad = grad if grad.stride() == param.stride() else (
+                    torch.empty_like(param).copy_(grad))  # fmt: skip
+            else:
+                total.append(param.grad)
+                new.append(grad)
+        if total:
+            torch._foreach_add_(total, new)
 
 
 def compiled_graphs() -> int:

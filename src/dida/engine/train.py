@@ -37,7 +37,13 @@ from dida.engine.logging import (
 )
 from dida.engine.optim import build_optimizer, set_lr
 from dida.engine.run_dir import claim_run_dir
-from dida.engine.speed import LossWindow, compiled_graphs, prepare_method, window_mean
+from dida.engine.speed import (
+    LossWindow,
+    StepBackward,
+    compiled_graphs,
+    prepare_method,
+    window_mean,
+)
 from dida.errors import Interrupted, UserError
 
 log = logging.getLogger("dida.train")
@@ -203,8 +209,7 @@ def _train(cfg, run_dir, resume, on_finish, locks) -> dict:  # noqa: ANN001
     loader = _train_loader(cfg, train_set, start, dist_info)
     result: dict = {}
 
-    def backward(loss: torch.Tensor) -> None:
-        scaler.scale(loss).backward()
+    backward = StepBackward(student.parameters(), scaler.scale, foreach=not dist_info.enabled)
 
     def state(iteration: int) -> dict:
         return {**_checkpoint_state(cfg, iteration, method, optimizer, scaler), "best": best}
