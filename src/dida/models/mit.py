@@ -184,6 +184,13 @@ class MiT(nn.Module):
             self.add_module(f"norm{s + 1}", nn.LayerNorm(embed_dims[s], eps=1e-6))
             start += depths[s]
         self.apply(_init_weights)
+        # The convs that read a channels-last token grid (the spatial reductions, the patch
+        # embeddings of stages 2-4) store their weights channels-last as well; an NCHW weight is
+        # converted on every call (a copy forward, two backward), with the same result.
+        grid_convs = [getattr(self, f"patch_embed{s}").proj for s in (2, 3, 4)]
+        grid_convs += [m.sr for m in self.modules() if isinstance(m, Attention) and m.sr_ratio > 1]
+        for conv in grid_convs:
+            conv.weight.data = conv.weight.data.contiguous(memory_format=torch.channels_last)
 
     def forward(self, img: torch.Tensor) -> list[torch.Tensor]:
         """Encode an image batch.
