@@ -80,7 +80,9 @@ class Attention(nn.Module):
             x = self.sr(grid).flatten(2).transpose(1, 2)  # B×M×C, M = (h/sr)·(w/sr)
             x = self.norm(x)
         kv = self.kv(x).view(b, -1, 2, self.num_heads, head_dim)  # B×M×2×heads×hd
-        k, v = kv.permute(2, 0, 3, 1, 4).unbind(0)  # each B×heads×M×hd
+        # split along its own axis, so that backward stacks the two gradients straight into the
+        # kv layout (no extra copy); the same strided views as permute(2, 0, 3, 1, 4).unbind(0)
+        k, v = (t.transpose(1, 2) for t in kv.unbind(2))  # each B×heads×M×hd
         out = F.scaled_dot_product_attention(q, k, v)  # B×heads×N×hd
         out = out.transpose(1, 2).reshape(b, n, c)  # B×N×C
         return self.proj(out)
