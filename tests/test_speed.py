@@ -180,17 +180,19 @@ def test_the_student_cast_in_one_copy_changes_no_bit(name: str, checkpointed: bo
 
 
 @pytest.mark.parametrize(
-    ("name", "dtype", "mic"),
-    [("daformer", torch.float32, False), ("dida", torch.bfloat16, False),
-     ("dida", torch.float32, True)],
+    ("name", "dtype", "mic", "checkpointed"),
+    [("daformer", torch.float32, False, False), ("dida", torch.bfloat16, False, False),
+     ("dida", torch.float32, True, False), ("dida", torch.bfloat16, False, True)],
 )  # fmt: skip
 def test_later_backward_passes_add_their_gradients_in_one_go(
-    name: str, dtype: torch.dtype, mic: bool
+    name: str, dtype: torch.dtype, mic: bool, checkpointed: bool
 ) -> None:
     """The engine's backward gives autograd's losses and updated weights bit for bit over
-    steps of two (three with MIC) backward passes, without a per-parameter gradient add."""
-    method, step = _method(name, dtype, mic=mic, engine_backward=True)
-    reference, ref_step = _method(name, dtype, mic=mic)
+    steps of two (three with MIC) backward passes, also with the encoder's activation
+    checkpointing, without a per-parameter gradient add."""
+    method, step = _method(name, dtype, checkpoint_encoder=checkpointed, mic=mic,
+                           engine_backward=True)
+    reference, ref_step = _method(name, dtype, checkpoint_encoder=checkpointed, mic=mic)
     for i in range(3):
         torch.manual_seed(i)  # dropout and drop-path draw from the global generator
         got = step(i)
