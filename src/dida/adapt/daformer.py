@@ -3,7 +3,8 @@
 The step follows docs/method.md §2.1: source loss (+ ImageNet feature distance) → teacher
 pseudo-labels on the target → ClassMix + strong augmentation → mixed loss (→ MIC's masked-target
 loss when `cfg.mic.enabled`). Every backward goes through the engine's `backward` callable (AMP
-scaling lives there); one backward per student forward, so DDP works.
+scaling and the one-add accumulation of later passes live there, `engine.speed.StepBackward`); one
+backward per student forward, so DDP works.
 
 With an HRDA student (`model.hrda.enabled`) the same step runs multi-resolution: every student
 forward gets its own detail box and HRDA's fused + detail loss (`_seg_forward_loss`), the feature
