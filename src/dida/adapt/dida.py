@@ -86,6 +86,8 @@ class DIDA(DAFormer):
         comp = cfg.compose
         both = self.hrda is not None and comp.hrda_scale == "both"
         self.bank_hr = self._new_bank(embed_dim) if both and comp.hrda_separate_banks else None
+        # L_in's chunk arithmetic through torch.compile (the engine sets it under train.compile)
+        self.compile_instance_loss = False
 
     def _new_bank(self, embed_dim: int) -> InstanceBank:
         bank = self.cfg.bank
@@ -304,6 +306,7 @@ class DIDA(DAFormer):
             out_size=None if size == feat else size, pixel_mask=pixel_mask,
             calibrate_source=icfg.calibrate_source, safe=icfg.safe_normaliser,
             chunk_size=icfg.chunk_size, chunk_bytes=icfg.chunk_memory_mb * 2**20,
+            compiled=self.compile_instance_loss,
         )  # fmt: skip
 
     def training_state(self) -> dict:

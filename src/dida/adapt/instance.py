@@ -226,27 +226,73 @@ def _plan_rows(
     return plan
 
 
-def _rows(slab: torch.Tensor, plan: _RowPlan, chunk: _Chunk, out_w: int) -> torch.Tensor:
+def _rows(slab: torch.Tensor, taps: tuple[torch.Tensor, ...] | None, out_w: int) -> torch.Tensor:
     """Bilinear rows from a slab of source rows: height by explicit lerp, width by F.interpolate.
 
-    The same separable weights as one full F.interpolate(bilinear, align_corners=False).
+    The same separable weights as one full F.interpolate(bilinear, align_corners=False). `taps`
+    are a chunk's (i0, i1, lam) of its `_RowPlan`, None for the same height (every output row is
+    its own source row).
 
     Shapes:
         slab: [h', B, K, w] (rows first, so row gathers are contiguous) -> [R, B, K, out_w]
     """
-    if plan.identity:
+    if taps is None:
         rows = slab  # same height: the rows themselves
     else:
         # advanced indexing: index_select along dim 0 of a 4-D tensor is ~10x slower on CPU
-        i0, i1 = plan.i0[chunk.r0 : chunk.r1], plan.i1[chunk.r0 : chunk.r1]
-        lam = plan.lam[chunk.r0 : chunk.r1].view(-1, 1, 1, 1)  # [R, 1, 1, 1]
-        rows = torch.lerp(slab[i0], slab[i1], lam)  # [R, B, K, w]
+        i0, i1, lam = taps
+        rows = torch.lerp(slab[i0], slab[i1], lam.view(-1, 1, 1, 1))  # [R, B, K, w]
     r, b, k, w = rows.shape
     if w == out_w:
         return rows
     flat = rows.reshape(r * b * k, 1, w)  # [R*B*K, 1, w]
     wide = F.interpolate(flat, out_w, mode="linear", align_corners=False)  # [R*B*K, 1, W]
     return wide.view(r, b, k, out_w)
+
+
+def _chunk_loss(
+    slab: torch.Tensor,
+    weak_slab: torch.Tensor,
+    calib_rows: torch.Tensor | None,
+    mask_rows: torch.Tensor | None,
+    taps: tuple[torch.Tensor, ...] | None,
+    bank_labels: torch.Tensor,
+    *,
+    out_w: int,
+    normalisation: str,
+    tau_weak: float,
+    tau_strong: float,
+    eps: float,
+    log_eps: float,
+    safe: bool,
+    calibrate_source: str,
+) -> torch.Tensor:
+    """Σ over one chunk's output rows of Σ_k −T_k log(S_s,k + log_eps) (see `instance_loss`).
+
+    Shapes:
+        slab, weak_slab: [h', B, K, w] source rows of the strong / weak similarities;
+        calib_rows: [R, B, C, W]; mask_rows: [R, B, W] -> scalar
+    """
+    with torch.no_grad():
+        target, _ = instance_target(
+            _rows(weak_slab, taps, out_w), calib_rows, bank_labels, normalisation=normalisation,
+            tau=tau_weak, source=calibrate_source, safe=safe, eps=eps, dim=2,
+        )  # fmt: skip
+    pred, ok = _normalise(
+        _rows(slab, taps, out_w), normalisation, tau_strong, eps, dim=2, safe=safe
+    )
+    per_pixel = -(target * torch.log(pred + log_eps)).sum(dim=2)  # [R, B, W]
+    if ok is not None:  # zero strong normaliser: no contribution (T is already 0 where its is)
+        per_pixel = per_pixel.masked_fill(~ok, 0.0)
+    if mask_rows is not None:
+        per_pixel = per_pixel * mask_rows
+    return per_pixel.sum()
+
+
+@functools.cache
+def _compiled_chunk_loss():  # noqa: ANN202
+    """`_chunk_loss` compiled once per process (static shapes: a graph per chunk shape)."""
+    return torch.compile(_chunk_loss, dynamic=False)
 
 
 # [R, B, K, W] tensors alive at once in one chunk's forward and backward (about 6 measured, on
@@ -332,6 +378,7 @@ def instance_loss(
     safe: bool = False,
     chunk_size: int = 0,
     chunk_bytes: int = 1 << 30,
+    compiled: bool = False,
 ) -> torch.Tensor:
     """L_in = λ · mean over (masked) pixels of Σ_k −T_k log(S_s,k + log_eps) (docs/method.md §3.7).
 
@@ -346,7 +393,9 @@ def instance_loss(
     Output rows are processed `chunk_size` at a time (0: as many as fit `chunk_bytes`, see
     `chunk_rows`); each chunk's gradient is taken right away (in forward) and its graph freed,
     so the peak is one chunk, not [B, K, H, W] tensors. The chunks are planned on the host: the
-    loss never waits for the device.
+    loss never waits for the device. `compiled` runs each chunk's arithmetic through
+    `torch.compile` (`train.compile`): its ~25 element-wise passes over [R, B, K, W] tensors
+    forward and backward become a few fused kernels.
 
     Shapes:
         student_embed, teacher_embed: [B, D, h, w]; bank_feats: [K, D]; bank_labels: [K];
@@ -361,7 +410,7 @@ def instance_loss(
             normalisation=normalisation, tau_weak=tau_weak, tau_strong=tau_strong, eps=eps,
             log_eps=log_eps, weight=weight, out_size=out_size, pixel_mask=pixel_mask,
             calibrate_source=calibrate_source, safe=safe, chunk_size=chunk_size,
-            chunk_bytes=chunk_bytes,
+            chunk_bytes=chunk_bytes, compiled=compiled,
         )  # fmt: skip
 
 
@@ -384,6 +433,7 @@ def _instance_loss(
     safe: bool,
     chunk_size: int,
     chunk_bytes: int,
+    compiled: bool,
 ) -> torch.Tensor:
     bank_feats, bank_labels = bank_feats.detach(), bank_labels.to(student_embed.device)
     b, _, h, w = student_embed.shape
@@ -404,23 +454,18 @@ def _instance_loss(
     strong = strong.contiguous()  # [h, B, K, w]
     mask = None if pixel_mask is None else pixel_mask.to(strong.dtype).permute(1, 0, 2)  # [H, B, W]
 
+    loss_fn = _compiled_chunk_loss() if compiled else _chunk_loss
+    options = dict(out_w=out_w, normalisation=normalisation, tau_weak=tau_weak,
+                   tau_strong=tau_strong, eps=eps, log_eps=log_eps, safe=safe,
+                   calibrate_source=calibrate_source)  # fmt: skip
+
     def chunk_loss(plan: _RowPlan, c: _Chunk, slab: torch.Tensor) -> torch.Tensor:
-        with torch.no_grad():
-            target, _ = instance_target(
-                _rows(weak[c.lo : c.hi], plan, c, out_w),
-                None if calib is None else calib[c.r0 : c.r1], bank_labels,
-                normalisation=normalisation, tau=tau_weak, source=calibrate_source, safe=safe,
-                eps=eps, dim=2,
-            )  # fmt: skip
-        pred, ok = _normalise(
-            _rows(slab, plan, c, out_w), normalisation, tau_strong, eps, dim=2, safe=safe
-        )
-        per_pixel = -(target * torch.log(pred + log_eps)).sum(dim=2)  # [R, B, W]
-        if ok is not None:  # zero strong normaliser: no contribution (T is already 0 where its is)
-            per_pixel = per_pixel.masked_fill(~ok, 0.0)
-        if mask is not None:
-            per_pixel = per_pixel * mask[c.r0 : c.r1]
-        return per_pixel.sum()
+        taps = None if plan.identity else (
+            plan.i0[c.r0 : c.r1], plan.i1[c.r0 : c.r1], plan.lam[c.r0 : c.r1])  # fmt: skip
+        return loss_fn(
+            slab, weak[c.lo : c.hi], None if calib is None else calib[c.r0 : c.r1],
+            None if mask is None else mask[c.r0 : c.r1], taps, bank_labels, **options,
+        )  # fmt: skip
 
     rows = chunk_rows(out_h, b * k * out_w * strong.element_size(), chunk_size, chunk_bytes)
     plan = _plan_rows(h, out_h, rows, strong.device, strong.dtype)

@@ -10,7 +10,8 @@
 * `train.compile`: `blocks` compiles each MiT block and decode head in place (regional
   compilation: one compiled graph per stage shape and mode serves all blocks, student, teacher and
   ImageNet encoder alike, so the compile time is that of a few blocks); `full` compiles the whole
-  student as one graph; `false` (the default) stays eager.
+  student as one graph; `false` (the default) stays eager. Both compile the arithmetic of DIDA's
+  instance-loss chunks too (fused element-wise passes).
 
 `StepBackward` is the engine's backward: a step's later backward passes (the mixed image after the
 source image, MIC's masked image) add their gradients to `.grad` in one multi-tensor add instead
@@ -50,6 +51,8 @@ def prepare_method(
     if dtype in (torch.bfloat16, torch.float16):
         method.use_low_precision_weights(dtype, cast_student=compile_what == "false")
     options = {} if mode == "default" else {"mode": mode}
+    if compile_what != "false" and hasattr(method, "compile_instance_loss"):
+        method.compile_instance_loss = True  # DIDA's L_in: each chunk's arithmetic fused
     if compile_what == "full":
         if distributed:  # DDP wraps the student; compiling the wrapper is not supported here
             log.warning("train.compile=full is ignored with several processes; using blocks")
