@@ -234,6 +234,7 @@ def test_compiled_blocks_match_eager_and_stop_recompiling() -> None:
     """`train.compile=blocks` (minutes on a CPU): the compiled student computes what the eager one
     computes, and after the first iterations no step compiles anything new."""
     method, step = _method("dida", compile_mode="blocks")
+    assert method.compile_instance_loss  # L_in's chunks are compiled too
     eager = copy.deepcopy(method.student)  # deepcopy drops the compiled wrappers
     for m in eager.modules():
         m._compiled_call_impl = None
