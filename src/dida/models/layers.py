@@ -55,6 +55,16 @@ def _cpu_compute_dtype(x: torch.Tensor) -> torch.dtype:
     return torch.get_autocast_dtype("cpu") if torch.is_autocast_enabled("cpu") else x.dtype
 
 
+def _save_in_compute_dtype(ctx, x: torch.Tensor, weight: torch.Tensor):  # noqa: ANN001, ANN202
+    """`x` and `weight` in the compute dtype, saved for backward, with their own dtypes in
+    `ctx.dtypes` (the gradients' dtypes)."""
+    dtype = _cpu_compute_dtype(x)
+    xc, wc = x.to(dtype), weight.to(dtype)
+    ctx.save_for_backward(xc, wc)
+    ctx.dtypes = (x.dtype, weight.dtype)
+    return xc, wc
+
+
 # maps of at most this many pixels per image get the dilated depthwise weight gradient by taps
 _SMALL_MAP = 64 * 64
 
@@ -99,10 +109,8 @@ class _DilatedDepthwiseConv(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, x: torch.Tensor, weight: torch.Tensor, dilation: int) -> torch.Tensor:  # type: ignore[override]
-        dtype = _cpu_compute_dtype(x)
-        xc, wc = x.to(dtype), weight.to(dtype)
-        ctx.save_for_backward(xc, wc)
-        ctx.dilation, ctx.dtypes = dilation, (x.dtype, weight.dtype)
+        xc, wc = _save_in_compute_dtype(ctx, x, weight)
+        ctx.dilation = dilation
         pad = dilation * (weight.shape[-1] // 2)
         with torch.autocast("cpu", enabled=False):
             return F.conv2d(xc, wc, padding=pad, dilation=dilation, groups=xc.shape[1])
@@ -154,10 +162,7 @@ class _PointwiseConv(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:  # type: ignore[override]
-        dtype = _cpu_compute_dtype(x)
-        xc, wc = x.to(dtype), weight.to(dtype)
-        ctx.save_for_backward(xc, wc)
-        ctx.dtypes = (x.dtype, weight.dtype)
+        xc, wc = _save_in_compute_dtype(ctx, x, weight)
         with torch.autocast("cpu", enabled=False):
             return _pointwise(xc, wc)
 
@@ -197,20 +202,16 @@ def _conv(conv: nn.Conv2d, x: torch.Tensor) -> torch.Tensor:
     `_DilatedDepthwiseConv` for a dilated depthwise conv being trained."""
     if x.device.type != "cpu":
         return conv(x)
-    dtype = _cpu_compute_dtype(x)
+    training = torch.is_grad_enabled() and (x.requires_grad or conv.weight.requires_grad)
     if (
-        dtype == torch.bfloat16 and conv.kernel_size == (1, 1) and conv.groups == 1
-        and conv.bias is None and conv.stride == (1, 1) and conv.padding == (0, 0)
-        and x.dim() == 4 and x.is_contiguous()
+        _cpu_compute_dtype(x) == torch.bfloat16 and conv.kernel_size == (1, 1)
+        and conv.groups == 1 and conv.bias is None and conv.stride == (1, 1)
+        and conv.padding == (0, 0) and x.dim() == 4 and x.is_contiguous()
     ):  # fmt: skip
-        if torch.is_grad_enabled() and (x.requires_grad or conv.weight.requires_grad):
+        if training:
             return _PointwiseConv.apply(x, conv.weight)
         return _pointwise(x, conv.weight)  # inference: the same products, no graph
-    if (
-        is_dilated_depthwise(conv)
-        and torch.is_grad_enabled()
-        and (x.requires_grad or conv.weight.requires_grad)
-    ):
+    if training and is_dilated_depthwise(conv):
         return _DilatedDepthwiseConv.apply(x, conv.weight, conv.dilation[0])
     return conv(x)
 
