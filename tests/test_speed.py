@@ -74,6 +74,23 @@ def _method(  # noqa: ANN202
     return method, step
 
 
+def _assert_same_steps(method, step, reference, ref_step, steps: int = 3) -> list[dict]:  # noqa: ANN001
+    """Both methods' steps give the same losses and updated student weights, bit for bit, with
+    the same global RNG (dropout, drop-path); returns each step's losses."""
+    losses = []
+    for i in range(steps):
+        torch.manual_seed(i)
+        got = step(i)
+        torch.manual_seed(i)
+        want = ref_step(i)
+        torch.testing.assert_close(got, want, rtol=0, atol=0, equal_nan=True)
+        for (n, a), b in zip(method.student.named_parameters(), reference.student.parameters(),
+                             strict=True):  # fmt: skip
+            assert torch.equal(a, b), n
+        losses.append(got)
+    return losses
+
+
 def _callers(evt) -> list[str]:  # noqa: ANN001
     names = []
     while evt is not None:
@@ -150,15 +167,7 @@ def test_the_student_cast_in_one_copy_changes_no_bit(name: str, checkpointed: bo
     assert method.student.encoder.grad_checkpointing == checkpointed
     assert method._student_cast is not None
     reference._student_cast = None  # autocast casts each weight itself
-    for i in range(3):
-        torch.manual_seed(i)  # dropout and drop-path draw from the global generator
-        got = step(i)
-        torch.manual_seed(i)
-        want = ref_step(i)
-        torch.testing.assert_close(got, want, rtol=0, atol=0, equal_nan=True)
-        for (n, a), b in zip(method.student.named_parameters(), reference.student.parameters(),
-                             strict=True):  # fmt: skip
-            assert torch.equal(a, b), n
+    _assert_same_steps(method, step, reference, ref_step)
     weights = sum(len(list(m.parameters(recurse=False))) for m in method.student.modules()
                   if isinstance(m, (torch.nn.Linear, torch.nn.Conv2d)))  # fmt: skip
     counts = []
@@ -193,16 +202,8 @@ def test_later_backward_passes_add_their_gradients_in_one_go(
     method, step = _method(name, dtype, checkpoint_encoder=checkpointed, mic=mic,
                            engine_backward=True)
     reference, ref_step = _method(name, dtype, checkpoint_encoder=checkpointed, mic=mic)
-    for i in range(3):
-        torch.manual_seed(i)  # dropout and drop-path draw from the global generator
-        got = step(i)
-        torch.manual_seed(i)
-        want = ref_step(i)
+    for got in _assert_same_steps(method, step, reference, ref_step):
         assert ("masked.loss_seg" in got) == mic
-        torch.testing.assert_close(got, want, rtol=0, atol=0, equal_nan=True)
-        for (n, a), b in zip(method.student.named_parameters(), reference.student.parameters(),
-                             strict=True):  # fmt: skip
-            assert torch.equal(a, b), n
     params = len(list(method.student.parameters()))
     adds = []
     for run in (step, ref_step):
