@@ -45,6 +45,81 @@ def test_quickstart_smoke(tmp_path: Path, capfd: pytest.CaptureFixture[str]) -> 
     assert "reused" in capfd.readouterr().out
 
 
+def _runs(methods: list[str], seeds: int = 1, iters: int = 500) -> list:
+    from dida.cli.quickstart import _Run
+    from dida.config import load_config
+    from dida.experiments import find_experiment
+
+    cfg = load_config(find_experiment("quickstart").path, [f"train.max_iters={iters}"])
+    return [_Run(i + 1, s, m, cfg, Path(f"s{s}/{m}"))
+            for i, (s, m) in enumerate((s, m) for s in range(seeds) for m in methods)]  # fmt: skip
+
+
+def _times(plan: list, iters: int) -> list[list[tuple[int, float, float]]]:
+    """(run n, estimated start, end) of every part, job by job."""
+    from dida.cli.quickstart import COST
+
+    out = []
+    for parts in plan:
+        t, job = 0.0, []
+        for p in parts:
+            length = COST[p.run.method] * ((p.stop or iters) - p.start)
+            job.append((p.run.n, t, t + length))
+            t += length
+        out.append(job)
+    return out
+
+
+@pytest.mark.parametrize(
+    ("methods", "seeds", "jobs", "iters"),
+    [
+        (["source_only", "daformer", "dida", "dida_intended"], 1, 2, 500),
+        (["source_only", "daformer", "dida", "dida_intended"], 3, 2, 500),
+        (["source_only", "daformer", "dida", "dida_intended", "mic", "dida_mic"], 1, 3, 500),
+        (["source_only", "daformer", "dida"], 1, 2, 120),
+    ],
+)
+def test_jobs_finish_together_and_split_runs_keep_their_order(
+    methods: list[str], seeds: int, jobs: int, iters: int
+) -> None:
+    from dida.cli.quickstart import COST, plan_jobs
+
+    runs = _runs(methods, seeds, iters)
+    plan = plan_jobs(runs, jobs)
+    assert len(plan) == jobs
+    # every run: all its iterations once, as [0, k) then [k, end) when split, k a log multiple
+    parts = {r.n: sorted((p.start, p.stop or iters) for job in plan for p in job if p.run is r)
+             for r in runs}  # fmt: skip
+    for n, spans in parts.items():
+        assert spans[0][0] == 0 and spans[-1][1] == iters and len(spans) <= 2, (n, spans)
+        if len(spans) == 2:
+            assert spans[0][1] == spans[1][0] and spans[0][1] % 50 == 0
+    assert sum(len(s) == 2 for s in parts.values()) >= 1
+    times = _times(plan, iters)
+    # a split run: its first part opens a job, its last part closes the job before, later
+    for i, job in enumerate(plan):
+        for k, p in enumerate(job):
+            if p.stop is not None:
+                assert k == 0 and i > 0 and plan[i - 1][-1].run is p.run and plan[i - 1][-1].start
+                assert times[i][0][2] <= times[i - 1][-1][1]
+    ends = [job[-1][2] for job in times]
+    slack = max(COST[m] for m in methods) * 50  # one log interval of the costliest run
+    assert max(ends) - min(ends) <= slack, ends
+    assert max(ends) <= max(sum(COST[r.method] * iters for r in runs) / jobs,
+                            max(COST[r.method] * iters for r in runs)) + slack  # fmt: skip
+
+
+def test_a_run_too_short_to_split_is_placed_whole() -> None:
+    from dida.cli.quickstart import plan_jobs
+
+    runs = _runs(["source_only", "daformer", "dida", "dida_intended"], iters=4)  # log every 50
+    plan = plan_jobs(runs, 2)
+    assert sorted(p.run.n for job in plan for p in job) == [1, 2, 3, 4]
+    assert all(p.start == 0 and p.stop is None for job in plan for p in job)
+    assert [len(job) for job in plan] == [2, 2]
+    assert plan_jobs(runs[:1], 2) == [[plan_jobs(runs[:1], 1)[0][0]]]  # one run: one job
+
+
 @pytest.mark.parametrize(
     ("extra", "message"),
     [
@@ -188,3 +263,45 @@ def test_ctrl_c_stops_every_job_once_and_keeps_their_checkpoints(
         assert (run / "latest.pth").is_file() and not (run / "preds").exists()
     assert not (work / "seed0" / "source_only").exists()  # queued, never started
     assert not (work / "summary.json").exists()
+
+
+@pytest.mark.slow
+def test_a_run_split_between_two_jobs_is_the_run_trained_in_one_go(
+    tiny_uda_root: Path, tmp_path: Path
+) -> None:
+    """Two jobs of one thread: DAFormer's first 5 iterations in one, the 6th in the other (after
+    DIDA); its weights equal those of the same quickstart trained in one process, one thread."""
+    import os
+    import subprocess
+    import sys
+
+    import torch
+    from conftest import tiny_overrides
+
+    from dida.engine.checkpoint import load_checkpoint
+
+    def quickstart(work: Path, jobs: int, threads: int) -> str:
+        args = [sys.executable, "-m", "dida.cli.main", "quickstart", "--iters", "6", "--jobs",
+                str(jobs), "--methods", "source_only", "daformer", "dida", "--work-dir",
+                str(work), "--data-root", str(tmp_path / "data")]  # fmt: skip
+        for item in tiny_overrides(tiny_uda_root):
+            if not item.startswith(("method.name=", "train.max_iters=")):
+                args += ["--set", item]
+        env = os.environ | {"OMP_NUM_THREADS": str(threads)}
+        done = subprocess.run(args, env=env, text=True, capture_output=True, timeout=600)
+        assert done.returncode == 0, done.stdout + done.stderr
+        return done.stdout + done.stderr
+
+    out = quickstart(tmp_path / "split", jobs=2, threads=2)
+    assert "daformer (iterations 0-5/6)" in out and "daformer (iterations 5-6/6)" in out
+    assert "paused at iteration 5/6" in out and "resumed from" in out
+    quickstart(tmp_path / "whole", jobs=1, threads=1)
+    for method in ("source_only", "daformer", "dida"):
+        split = load_checkpoint(tmp_path / "split" / "seed0" / method / "latest.pth")
+        whole = load_checkpoint(tmp_path / "whole" / "seed0" / method / "latest.pth")
+        assert split["iteration"] == whole["iteration"] == 6
+        for key, value in whole["student"].items():
+            assert torch.equal(split["student"][key], value), (method, key)
+        results = [json.loads((tmp_path / w / "seed0" / method / "preds" / "results.json")
+                              .read_text())["mIoU"] for w in ("split", "whole")]  # fmt: skip
+        assert results[0] == results[1], method

@@ -87,6 +87,35 @@ def test_resume_is_exact(
         assert torch.allclose(full[key].float(), part[key].float(), atol=1e-6, rtol=0), key
 
 
+def test_a_paused_run_continued_in_another_process_is_the_run_trained_in_one_go(
+    tiny_uda_root: Path, tmp_path: Path
+) -> None:
+    """`stop_at` (the quickstart's split runs): checkpoint and return; resumed, the weights, the
+    bank and the logged metrics are bit for bit those of the uninterrupted run."""
+    cfg = _cfg(tiny_uda_root, "dida", 6, ["train.checkpoint_interval=100", "train.log_interval=2"])
+    train(cfg, tmp_path / "full")
+    assert train(cfg, tmp_path / "part", stop_at=4) == {}
+    assert load_checkpoint(tmp_path / "part" / "latest.pth")["iteration"] == 4
+    assert "paused at iteration 4/6" in (tmp_path / "part" / "train.log").read_text()
+    ctx = mp.get_context("spawn")  # a fresh process, as the quickstart's other job
+    proc = ctx.Process(target=train, args=(cfg, tmp_path / "part"), kwargs={"resume": "auto"})
+    proc.start()
+    proc.join()
+    assert proc.exitcode == 0
+    full = _states(load_checkpoint(tmp_path / "full" / "latest.pth"))
+    part = _states(load_checkpoint(tmp_path / "part" / "latest.pth"))
+    assert full.keys() == part.keys() and any(k.startswith("bank.") for k in full)
+    for key in full:
+        assert torch.equal(full[key], part[key]), key
+
+    def logged(run: str) -> list[dict]:
+        lines = (tmp_path / run / "metrics.jsonl").read_text().splitlines()
+        return [{k: v for k, v in json.loads(line).items() if k != "it_per_s"} for line in lines]
+
+    assert [r["iter"] for r in logged("part")] == [2, 4, 6]
+    assert logged("part") == logged("full")
+
+
 def test_nan_loss_stops_and_keeps_last_checkpoint(
     tiny_uda_root: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:

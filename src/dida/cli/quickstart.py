@@ -46,7 +46,9 @@ part of the default run.
 Runs train side by side, each in its own process with its share of the CPU threads (--jobs; on
 2 cores: 2 runs with 1 thread each, about 1.25x the throughput of one run with 2 threads,
 measured). A run's numbers depend on its thread count, so --jobs and --threads are part of a
-result.
+result. So that the jobs finish together, a run may be split between two jobs: one trains its
+first iterations and checkpoints, the other continues it later, exactly (the same numbers as a
+run trained in one go).
 
 Finished runs are reused: running the same command again (e.g. after Ctrl-C, which stops the
 whole quickstart with exit code 130) continues where it stopped. A run folder holding a run with
@@ -64,10 +66,11 @@ METHODS = {
 }
 # the methods a plain `dida quickstart` trains (its time budget); the others are opt-in
 DEFAULT_METHODS = ("source_only", "daformer", "dida", "dida_intended")
-# relative training time of a run (measured, 500 iterations): with --jobs > 1 the longest runs
-# start first, so that the jobs finish close together
-COST = {"source_only": 1.0, "daformer": 2.2, "dida": 2.6, "dida_intended": 2.2, "mic": 3.1,
-        "dida_mic": 3.3}  # fmt: skip
+# relative training time of a run (one thread; measured in the fresh-clone quickstart: source-only
+# 1:28, DIDA 4:10, DAFormer 3:42, DIDA with our fixes 3:36; MIC scaled from its 1.4x and 1.5x of
+# DAFormer): with --jobs > 1 the runs are spread so that the jobs finish together (`plan_jobs`)
+COST = {"source_only": 1.0, "daformer": 2.52, "dida": 2.84, "dida_intended": 2.45, "mic": 3.55,
+        "dida_mic": 3.78}  # fmt: skip
 # MIC at the quickstart's scale: 8-px blocks on the 128-px crop keep the published 16×16 grid
 # of blocks (64 px on HRDA's 1024 crops, 32 px on DAFormer's 512 crops); ratio 0.7, λ 1
 MIC_OVERRIDES = ["method.mic.enabled=true", "method.mic.block_size=8"]
@@ -186,10 +189,14 @@ def _first_difference(a: dict, b: dict, prefix: str = "") -> str | None:
     return None
 
 
-def _train_and_test(cfg, run_dir: Path, job: bool = False) -> dict:  # noqa: ANN001
+def _train_and_test(
+    cfg, run_dir: Path, job: bool = False, stop_at: int | None = None  # noqa: ANN001
+) -> dict | None:
     """Train (or continue, or reuse) the run in `run_dir` and evaluate it; its results.json.
 
-    `job`: in a job process, whose console other jobs share (the evaluation stays quiet)."""
+    `job`: in a job process, whose console other jobs share (the evaluation stays quiet).
+    `stop_at`: train up to that iteration only (a split run's first part), no evaluation; None.
+    """
     from dida.cli.main import main
     from dida.engine.checkpoint import find_latest
     from dida.engine.train import train
@@ -197,7 +204,12 @@ def _train_and_test(cfg, run_dir: Path, job: bool = False) -> dict:  # noqa: ANN
     resume = _existing_run(cfg, run_dir)
     results = run_dir / "preds" / "results.json"
     latest = find_latest(run_dir) if resume else None
-    finished = latest is not None and _iteration(latest) >= cfg.train.max_iters
+    done = _iteration(latest) if latest is not None else 0
+    if stop_at is not None:
+        if done < stop_at:
+            train(cfg, run_dir, resume=resume, stop_at=stop_at)
+        return None
+    finished = done >= cfg.train.max_iters
     if finished and results.is_file() and results.stat().st_mtime >= latest.stat().st_mtime:
         print("      finished earlier: reusing its results", flush=True)
         return json.loads(results.read_text())
@@ -254,9 +266,11 @@ class _Run(NamedTuple):
     cfg: ExperimentConfig
     run_dir: Path
 
-    def announce(self, total: int) -> None:
-        _say(f"[2/3] run {self.n}/{total}, seed {self.seed}: {self.method} "
-             f"({self.cfg.train.max_iters} iterations) -> {self.run_dir}")  # fmt: skip
+    def announce(self, total: int, part: tuple[int, int] | None = None) -> None:
+        iters = self.cfg.train.max_iters
+        what = f"{iters} iterations" if part is None else f"iterations {part[0]}-{part[1]}/{iters}"
+        _say(f"[2/3] run {self.n}/{total}, seed {self.seed}: {self.method} ({what}) -> "
+             f"{self.run_dir}")  # fmt: skip
 
     def stopped(self, total: int) -> Interrupted:
         return Interrupted(
@@ -276,14 +290,58 @@ def _cpu_threads() -> int:
     return len(cpu_ids()) or os.cpu_count() or 1
 
 
+class _Part(NamedTuple):
+    """Iterations `start` to `stop` (None: to the end, then the evaluation) of a run, trained by
+    one job; `start` > 0 continues the part another job trains first."""
+
+    run: _Run
+    start: int
+    stop: int | None
+
+
+def plan_jobs(runs: list[_Run], jobs: int) -> list[list[_Part]]:
+    """What each of `jobs` processes trains, in order, so that they finish together.
+
+    McNaughton's wrap-around rule on the runs' estimated times (`COST` x iterations): the jobs are
+    filled one after another up to T = max(longest run, total / jobs); the run that crosses T is
+    split at a multiple of its log interval: its first iterations open the next job, its last
+    ones close this job (their times never overlap, as no run is longer than T; the job waits if
+    they would). Exact resume makes a split run the run trained in one go.
+    """
+    cost = {r.n: COST.get(r.method, 1.0) * r.cfg.train.max_iters for r in runs}
+    limit = max(max(cost.values()), sum(cost.values()) / jobs)
+    plan: list[list[_Part]] = [[] for _ in range(jobs)]
+    job, load = 0, 0.0
+    for run in sorted(runs, key=lambda r: (-cost[r.n], r.n)):
+        iters = run.cfg.train.max_iters
+        if job < jobs - 1 and load + cost[run.n] > limit:
+            # the first `head` iterations go to the next job (a multiple of the log interval,
+            # so that the logged window means are those of a run trained in one go)
+            step = max(1, min(run.cfg.train.log_interval, iters))
+            head = round((1.0 - (limit - load) / cost[run.n]) * iters / step) * step
+            if head >= iters:  # (nearly) nothing fits here: the whole run opens the next job
+                job, load = job + 1, 0.0
+            elif head > 0:
+                plan[job].append(_Part(run, head, None))
+                job, load = job + 1, cost[run.n] * head / iters
+                plan[job].append(_Part(run, 0, head))
+                continue
+        plan[job].append(_Part(run, 0, None))
+        load += cost[run.n]
+        if job < jobs - 1 and load >= limit:
+            job, load = job + 1, 0.0
+    return [parts for parts in plan if parts]
+
+
 _stop = None  # in a job process: the quickstart's "stop" event (Ctrl-C)
+_ready = None  # in a job process: {run n: event set when the first part of a split run is done}
 
 
-def _init_job(threads: int, stop) -> None:  # noqa: ANN001
+def _init_job(threads: int, stop, ready) -> None:  # noqa: ANN001
     """A job process: its own process group, so that Ctrl-C on the terminal reaches the
     quickstart alone, which then stops each job once (a second Ctrl-C: at once)."""
-    global _stop
-    _stop = stop
+    global _stop, _ready
+    _stop, _ready = stop, ready
     if hasattr(os, "setpgrp"):  # POSIX
         os.setpgrp()
     signal.signal(signal.SIGINT, signal.SIG_IGN)  # a training installs its own handler
@@ -296,18 +354,26 @@ def _init_job(threads: int, stop) -> None:  # noqa: ANN001
     torch.set_num_threads(threads)
 
 
-def _job(run: _Run, total: int) -> tuple[int, dict | None]:
-    """One run in a job process: (n, its results), or (n, None) when Ctrl-C stopped it."""
+def _job(part: _Part, total: int) -> tuple[int, str, dict | None]:
+    """One part of a run in a job process: (n, "done", results), (n, "paused", None) after a
+    split run's first part, or (n, "stopped", None) when Ctrl-C stopped it."""
     from dida.engine.logging import set_console_tag
 
+    run = part.run
+    if part.start > 0 and _ready is not None:  # the other job trains the first iterations
+        while not _ready[run.n].wait(0.5):
+            if _stop is not None and _stop.is_set():
+                return run.n, "stopped", None
     if _stop is not None and _stop.is_set():  # queued before Ctrl-C: not started
-        return run.n, None
+        return run.n, "stopped", None
     set_console_tag(f"[{run.method} seed {run.seed}]")
-    run.announce(total)
+    whole = part.start == 0 and part.stop is None
+    run.announce(total, None if whole else (part.start, part.stop or run.cfg.train.max_iters))
     try:
-        return run.n, _train_and_test(run.cfg, run.run_dir, job=True)
+        result = _train_and_test(run.cfg, run.run_dir, job=True, stop_at=part.stop)
     except KeyboardInterrupt:  # TrainingInterrupted: the checkpoint is written
-        return run.n, None
+        return run.n, "stopped", None
+    return (run.n, "paused", None) if part.stop is not None else (run.n, "done", result)
 
 
 def _stop_jobs(futures: list, stop) -> None:  # noqa: ANN001
@@ -331,24 +397,32 @@ def _stop_jobs(futures: list, stop) -> None:  # noqa: ANN001
 
 
 def _run_jobs(runs: list[_Run], jobs: int, threads: int) -> dict[int, dict]:
-    """Train and evaluate `runs` in `jobs` processes, longest first; {n: results}. Raises
-    `Interrupted` naming the first run that Ctrl-C left unfinished."""
+    """Train and evaluate `runs` in `jobs` processes as `plan_jobs` spreads them; {n: results}.
+    Raises `Interrupted` naming the first run that Ctrl-C left unfinished."""
     import multiprocessing
     from concurrent.futures import ProcessPoolExecutor, as_completed
     from concurrent.futures.process import BrokenProcessPool
 
-    order = sorted(runs, key=lambda r: (-COST.get(r.method, 1.0), r.n))
+    plan = plan_jobs(runs, jobs)
     results: dict[int, dict] = {}
     context = multiprocessing.get_context("spawn")  # no forked copy of this process's threads
     stop = context.Event()
-    with ProcessPoolExecutor(jobs, mp_context=context, initializer=_init_job,
-                             initargs=(threads, stop)) as pool:  # fmt: skip
-        futures = [pool.submit(_job, run, len(runs)) for run in order]
+    ready = {p.run.n: context.Event() for parts in plan for p in parts if p.stop is not None}
+    with contextlib.ExitStack() as pools:
+        futures = []
+        for parts in plan:  # one single-process pool per job: its parts run in order
+            pool = pools.enter_context(ProcessPoolExecutor(
+                1, mp_context=context, initializer=_init_job, initargs=(threads, stop, ready)
+            ))  # fmt: skip
+            futures += [pool.submit(_job, part, len(runs)) for part in parts]
         try:
             for future in as_completed(futures):
-                n, result = future.result()
-                if result is None:  # this job was stopped: stop the others too
+                n, status, result = future.result()
+                if status == "stopped":  # this job was stopped: stop the others too
                     raise KeyboardInterrupt
+                if status == "paused":
+                    ready[n].set()
+                    continue
                 results[n] = result
                 run = runs[n - 1]
                 _say(f"      {run.method} (seed {run.seed}): mIoU {100 * result['mIoU']:.2f}")
@@ -356,12 +430,13 @@ def _run_jobs(runs: list[_Run], jobs: int, threads: int) -> dict[int, dict]:
             _stop_jobs(futures, stop)
             for future in futures:  # runs that finished while the others stopped count
                 if not future.cancelled() and future.exception() is None:
-                    n, result = future.result()
-                    if result is not None:
+                    n, status, result = future.result()
+                    if status == "done":
                         results[n] = result
             first = min(run.n for run in runs if run.n not in results)
             raise runs[first - 1].stopped(len(runs)) from None
         except BrokenProcessPool:
+            _stop_jobs(futures, stop)
             raise UserError(
                 "a quickstart job process died (out of memory?); try again with --jobs 1"
             ) from None

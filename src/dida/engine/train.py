@@ -154,10 +154,14 @@ def train(
     run_dir: Path,
     resume: str | None = None,
     on_finish: Callable[[torch.nn.Module], None] | None = None,
+    stop_at: int | None = None,
 ) -> dict:
     """Train `cfg` into `run_dir`; returns the last evaluation's numbers (empty if none ran).
 
     `on_finish(method)` runs on every rank before the process group closes (tests use it).
+    `stop_at` < `train.max_iters`: pause after that iteration with `latest.pth` written, to be
+    continued with `resume` (in any process: the resumed run is the run trained in one go; at a
+    multiple of `train.log_interval` its logged metrics are too).
 
     Raises:
         RunDirError: `run_dir` holds a run and `resume` is None, or another process trains in it.
@@ -165,14 +169,14 @@ def train(
     """
     locks: list = []
     try:
-        return _train(cfg, run_dir, resume, on_finish, locks)
+        return _train(cfg, run_dir, resume, on_finish, locks, stop_at)
     finally:
         for lock in locks:
             lock.release()
         teardown_logging()
 
 
-def _train(cfg, run_dir, resume, on_finish, locks) -> dict:  # noqa: ANN001
+def _train(cfg, run_dir, resume, on_finish, locks, stop_at) -> dict:  # noqa: ANN001
     cfg = resolve_paths(cfg, Path.cwd())  # the run's config and checkpoints hold absolute paths
     tcfg = cfg.train
     dist_info = init_distributed(resolve_device(tcfg.device).type)
@@ -201,10 +205,12 @@ def _train(cfg, run_dir, resume, on_finish, locks) -> dict:  # noqa: ANN001
     scaler = torch.amp.GradScaler(device.type, enabled=dtype == torch.float16)
     start, best = _maybe_resume(resume, run_dir, method, optimizer, scaler, device)
     writer = MetricWriter(run_dir, tcfg.tensorboard, enabled=dist_info.is_main)
+    end = tcfg.max_iters if stop_at is None else max(start, min(stop_at, tcfg.max_iters))
     log.info(
-        "training %s (%s) on %s, %s, %d process(es), iterations %d -> %d, run dir %s",
+        "training %s (%s) on %s, %s, %d process(es), iterations %d -> %d%s, run dir %s",
         cfg.name, cfg.method.name, device, str(dtype).removeprefix("torch."),
-        dist_info.world_size, start, tcfg.max_iters, run_dir,
+        dist_info.world_size, start, end,
+        f" (then a pause; of {tcfg.max_iters})" if end < tcfg.max_iters else "", run_dir,
     )  # fmt: skip
     loader = _train_loader(cfg, train_set, start, dist_info)
     result: dict = {}
@@ -220,7 +226,7 @@ def _train(cfg, run_dir, resume, on_finish, locks) -> dict:  # noqa: ANN001
     progress = Progress(tcfg.max_iters, start, enabled=dist_info.is_main)
     stopped_at = None
     with _StopRequest() as stop:
-        for iteration, batch in zip(range(start, tcfg.max_iters), loader, strict=False):
+        for iteration, batch in zip(range(start, end), loader, strict=False):
             batch = {k: v.to(device, non_blocking=True) for k, v in batch.items()}
             lr = set_lr(optimizer, iteration, cfg.optim, tcfg.max_iters)
             optimizer.zero_grad(set_to_none=True)
@@ -238,9 +244,11 @@ def _train(cfg, run_dir, resume, on_finish, locks) -> dict:  # noqa: ANN001
             # reads them (a no-op without DDP)
             broadcast_buffers_(student)
             is_last = done == tcfg.max_iters
+            pause = done == end and not is_last  # `stop_at`: checkpoint, continue elsewhere
             log_now = done % tcfg.log_interval == 0 or is_last
             eval_now = tcfg.eval_interval > 0 and (is_last or done % tcfg.eval_interval == 0)
-            if log_now or eval_now or done % tcfg.checkpoint_interval == 0 or stop.requested:
+            if (log_now or eval_now or done % tcfg.checkpoint_interval == 0 or stop.requested
+                    or pause):  # fmt: skip
                 # the only host read of the metrics: no other step waits for the device
                 steps = window.read()
                 _check_finite(steps)
@@ -276,7 +284,7 @@ def _train(cfg, run_dir, resume, on_finish, locks) -> dict:  # noqa: ANN001
             saved = None
             if dist_info.is_main and (is_last or done % tcfg.checkpoint_interval == 0):
                 saved = _save(run_dir, state(done), done, tcfg.keep_checkpoints, periodic=True)
-            if stop.requested and dist_info.is_main and saved is None:
+            if (stop.requested or pause) and dist_info.is_main and saved is None:
                 saved = _save(run_dir, state(done), done, tcfg.keep_checkpoints, periodic=False)
             if new_best and dist_info.is_main:
                 _save_best(run_dir, saved, state(done) if saved is None else None, best)
@@ -284,6 +292,9 @@ def _train(cfg, run_dir, resume, on_finish, locks) -> dict:  # noqa: ANN001
                 stopped_at = done
                 break
     progress.close()
+    if end < tcfg.max_iters and stopped_at is None:
+        log.info("paused at iteration %d/%d, checkpoint %s/latest.pth written", end,
+                 tcfg.max_iters, run_dir)  # fmt: skip
     log.info("finished in %s", format_duration(time.perf_counter() - t_start))
     writer.close()
     if on_finish is not None:
