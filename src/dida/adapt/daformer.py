@@ -15,7 +15,7 @@ with sliding detail windows. HRDA and MIC specifics stay in the small helpers be
 from __future__ import annotations
 
 import dataclasses
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 
 import torch
@@ -88,6 +88,15 @@ class SegForward:
     terms: dict[str, torch.Tensor]  # weighted terms: loss_seg (+ hr.loss_seg, lr.loss_seg)
     features: list[torch.Tensor] | None  # encoder maps (HRDA: context view) or None
     output: HRDAOutput | None  # HRDA: the whole forward (detail box, F_hr, ...)
+    # plain: `logits` resized to the label as the loss read them, with graph; HRDA: None
+    label_logits: torch.Tensor | None = None
+
+    def at_label_size(self, size: Sequence[int]) -> torch.Tensor:
+        """The logits resized to `size` without graph (the loss's own resize when it is there)."""
+        if self.label_logits is not None and tuple(self.label_logits.shape[-2:]) == tuple(size):
+            return self.label_logits.detach()
+        with torch.no_grad():
+            return resize(self.logits.detach(), size)
 
 
 class SourceOnly(nn.Module):
@@ -190,8 +199,7 @@ class SourceOnly(nn.Module):
         """Source cross-entropy (+ λ_FD · feature distance), backpropagated at once."""
         use_fd = self.imnet is not None and self.cfg.feat_dist.enabled
         src = self._seg_forward_loss(src_img, src_label, None, return_features=use_fd)
-        with torch.no_grad():
-            logits = resize(src.logits.detach(), src_label.shape[-2:])
+        logits = src.at_label_size(src_label.shape[-2:])
         metrics = {"src.acc_seg": accuracy(logits, src_label, self.ignore_index)}
         metrics |= {f"src.{k}": v.detach() for k, v in src.terms.items() if k != "loss_seg"}
         total = src.loss
@@ -236,9 +244,10 @@ class SourceOnly(nn.Module):
             loss = torch.stack(list(terms.values())).sum()
             return SegForward(out.fused, out.embed_lr, loss, terms, out.features, out)
         logits, embed, *feats = out
-        loss = pixel_weighted_ce(resize(logits, label.shape[-2:]), label, weight, self.ignore_index)
+        full = resize(logits, label.shape[-2:])
+        loss = pixel_weighted_ce(full, label, weight, self.ignore_index)
         return SegForward(logits, embed, loss, {"loss_seg": loss}, feats[0] if feats else None,
-                          None)  # fmt: skip
+                          None, full)  # fmt: skip
 
     def feature_distance(
         self, src_img: torch.Tensor, src_label: torch.Tensor, src: SegForward
@@ -322,8 +331,7 @@ class DAFormer(SourceOnly):
             mixed.logits, mixed.embed, teacher, masks, output=mixed.output
         )
         backward(mixed.loss + extra if extra is not None else mixed.loss)
-        with torch.no_grad():
-            mixed_pred = resize(mixed.logits.detach(), mixed_label.shape[-2:])
+        mixed_pred = mixed.at_label_size(mixed_label.shape[-2:])
         log = {"src.loss_seg": src.loss, **src.metrics,
                **{f"mix.{k}": v.detach() for k, v in mixed.terms.items()},
                "mix.acc_seg": accuracy(mixed_pred, mixed_label),
