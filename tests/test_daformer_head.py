@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import pytest
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 from dida.models import DAFormerHead
@@ -78,8 +79,8 @@ def test_dropout_only_in_train() -> None:
 
 @pytest.mark.parametrize(
     ("dilation", "size"),
-    [(2, (13, 11)), (6, (13, 11)), (40, (13, 11)), (3, (67, 65))],
-    ids=["d2-taps", "d6-taps", "d40-taps", "d3-onednn"],
+    [(2, (13, 11)), (6, (13, 11)), (12, (13, 11)), (40, (13, 11)), (3, (67, 65))],
+    ids=["d2-taps", "d6-taps", "d12-taps", "d40-taps", "d3-onednn"],
 )
 def test_dilated_depthwise_conv_gradients_equal_the_convolution(
     dilation: int, size: tuple[int, int]
@@ -111,6 +112,45 @@ def test_dilated_depthwise_conv_gradients_equal_the_convolution(
     for a, b in zip(got, want, strict=True):
         assert a.dtype == torch.float32
         torch.testing.assert_close(a, b, rtol=2e-2, atol=2e-2)
+
+
+@pytest.mark.parametrize("dilation", [8, 12, 18, 24])
+def test_bf16_depthwise_conv_by_taps_is_onednns_arithmetic(dilation: int) -> None:
+    """Large dilations on small bf16 maps (the quickstart's ASPP) run tap by tap: the bits of
+    oneDNN's convolution (its GEMM route) on CPUs with AVX512-BF16, within bf16 rounding on
+    others; training, its input gradient, and the teacher's forward (no graph) take the route."""
+    from dida.models.layers import _conv, _depthwise_by_taps, _depthwise_conv_by_taps
+
+    exact = getattr(torch.cpu, "_is_avx512_bf16_supported", lambda: False)()
+    torch.manual_seed(dilation)
+    for b, c, h, w in [(4, 256, 32, 32), (2, 37, 29, 41), (1, 8, 13, 64)]:
+        x = (torch.randn(b, c, h, w) * 4).bfloat16()
+        weight = torch.randn(c, 1, 3, 3).bfloat16()
+        assert _depthwise_by_taps(x, weight, dilation)
+        got = _depthwise_conv_by_taps(x, weight, dilation)
+        want = F.conv2d(x, weight, padding=dilation, dilation=dilation, groups=c)
+        assert got.dtype == torch.bfloat16
+        if exact:
+            assert torch.equal(got, want)
+        torch.testing.assert_close(got.float(), want.float(), rtol=1e-2, atol=1e-2)
+    assert not _depthwise_by_taps(x.float(), weight.float(), dilation)  # fp32: oneDNN's
+    assert not _depthwise_by_taps(x, weight, 6)  # oneDNN's own kernel is the faster there
+    assert not _depthwise_by_taps(torch.zeros(1, 8, 65, 64).bfloat16(), weight, dilation)
+
+    conv = nn.Conv2d(c, c, 3, padding=dilation, dilation=dilation, groups=c, bias=False)
+    xf = x.float().requires_grad_()
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        out, ref = _conv(conv, xf), conv(xf)
+        with torch.no_grad():
+            teacher = _conv(conv, xf)
+    assert "DilatedDepthwise" in type(out.grad_fn).__name__
+    grad = torch.randn_like(ref)
+    got = torch.autograd.grad(out, xf, grad)[0]
+    want = torch.autograd.grad(ref, xf, grad)[0]
+    if exact:
+        assert torch.equal(out, ref) and torch.equal(teacher, ref)
+        # oneDNN's own input gradient is another kernel: the same within its bf16 rounding
+    torch.testing.assert_close(got, want, rtol=2e-2, atol=2e-2)
 
 
 def test_pointwise_conv_equals_the_convolution() -> None:
