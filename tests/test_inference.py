@@ -9,7 +9,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from dida.eval.inference import slide_inference, whole_inference
+from dida.eval.inference import resize, slide_inference, whole_inference
 from dida.models import Segmentor, build_segmentor
 
 
@@ -127,3 +127,29 @@ def test_hrda_slide_with_one_window_equals_whole() -> None:
     torch.testing.assert_close(slide, whole)
     # two side-by-side windows: each half is the whole-image inference of that half
     torch.testing.assert_close(windows, torch.cat([left, right], dim=-1))
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("threads", [1, 2])
+def test_resize_gradient_is_interpolates_bit_for_bit(dtype: torch.dtype, threads: int) -> None:
+    """`resize` with a graph on the CPU (its backward in the channels-last layout): the values
+    and input gradients of `F.interpolate`, bit for bit, up and down, odd sizes included."""
+    previous = torch.get_num_threads()
+    torch.set_num_threads(threads)
+    try:
+        gen = torch.Generator().manual_seed(threads)
+        for shape, size in [((4, 19, 32, 32), (128, 128)), ((2, 7, 23, 5), (114, 71)),
+                            ((3, 24, 41, 69), (142, 21)), ((1, 64, 16, 16), (32, 32))]:
+            x = (torch.randn(shape, generator=gen) * 5).to(dtype).requires_grad_()
+            out = resize(x, size)
+            ref = F.interpolate(x, size=size, mode="bilinear", align_corners=False)
+            assert "BilinearResize" in type(out.grad_fn).__name__
+            grad = torch.randn(ref.shape, generator=gen).to(dtype)
+            got = torch.autograd.grad(out, x, grad)[0]
+            want = torch.autograd.grad(ref, x, grad)[0]
+            assert torch.equal(out, ref) and got.is_contiguous() and torch.equal(got, want)
+    finally:
+        torch.set_num_threads(previous)
+    with torch.no_grad():  # no graph: interpolate itself
+        assert resize(x, (8, 8)).grad_fn is None
+    assert resize(x, x.shape[2:]) is x

@@ -10,9 +10,9 @@ from __future__ import annotations
 from collections.abc import Sequence
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
+from dida.eval.inference import resize
 from dida.models.layers import ConvBNReLU, DepthwiseSeparableConvBNReLU, init_conv_bn_
 
 
@@ -107,9 +107,7 @@ class DAFormerHead(nn.Module):
         embeds = []
         for i, feat in enumerate(features):
             x = self.embed_layers[str(i)](feat)
-            if x.shape[2:] != size:
-                x = F.interpolate(x, size=size, mode="bilinear", align_corners=False)
-            embeds.append(x)
+            embeds.append(resize(x, size))
         fused = torch.cat(embeds, dim=1)  # channels-last, as the encoder's views and `MLP` give
         if fused.device.type == "cpu":
             # oneDNN's dilated depthwise convolution (the ASPP branches) runs 2-3x slower on a
