@@ -195,3 +195,20 @@ def test_loss_rejects_bad_shapes() -> None:
         instance_loss(student, teacher, bank[:, :-1], labels, probs)
     with pytest.raises(ValueError, match="pixel_mask"):
         instance_loss(student, teacher, bank, labels, probs, pixel_mask=torch.ones(B, H + 1, W))
+
+
+def test_chunk_arithmetic_keeps_the_bits_of_the_direct_form() -> None:
+    """The chunk's width resize runs as one batch of R·B·K channels and its negation after the
+    sum over K: the bits of R·B·K one-channel resizes and of −(T·log S) summed, gradients too."""
+    from dida.adapt.instance import _rows
+
+    g = torch.Generator().manual_seed(3)
+    slab = torch.rand(7, 2, 60, 32, generator=g).requires_grad_()
+    got = _rows(slab, None, 128)
+    want = F.interpolate(slab.reshape(-1, 1, 32), 128, mode="linear", align_corners=False)
+    want = want.view(7, 2, 60, 128)
+    grad = torch.randn(want.shape, generator=g)
+    assert torch.equal(got, want)
+    assert torch.equal(*(torch.autograd.grad(y, slab, grad)[0] for y in (got, want)))
+    x = torch.randn(7, 2, 60, 128, generator=g)
+    assert torch.equal(x.sum(dim=2).neg(), (-x).sum(dim=2))
