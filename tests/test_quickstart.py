@@ -45,12 +45,13 @@ def test_quickstart_smoke(tmp_path: Path, capfd: pytest.CaptureFixture[str]) -> 
     assert "reused" in capfd.readouterr().out
 
 
-def _runs(methods: list[str], seeds: int = 1, iters: int = 500) -> list:
+def _runs(methods: list[str], seeds: int = 1, iters: int = 500, log_interval: int = 50) -> list:
     from dida.cli.quickstart import _Run
     from dida.config import load_config
     from dida.experiments import find_experiment
 
-    cfg = load_config(find_experiment("quickstart").path, [f"train.max_iters={iters}"])
+    overrides = [f"train.max_iters={iters}", f"train.log_interval={log_interval}"]
+    cfg = load_config(find_experiment("quickstart").path, overrides)
     return [_Run(i + 1, s, m, cfg, Path(f"s{s}/{m}"))
             for i, (s, m) in enumerate((s, m) for s in range(seeds) for m in methods)]  # fmt: skip
 
@@ -269,8 +270,9 @@ def test_ctrl_c_stops_every_job_once_and_keeps_their_checkpoints(
 def test_a_run_split_between_two_jobs_is_the_run_trained_in_one_go(
     tiny_uda_root: Path, tmp_path: Path
 ) -> None:
-    """Two jobs of one thread: DAFormer's first 5 iterations in one, the 6th in the other (after
-    DIDA); its weights equal those of the same quickstart trained in one process, one thread."""
+    """Two jobs of one thread, one run split between them (its first iterations in one job, the
+    rest in the other): every run's weights and mIoU equal those of the same quickstart trained
+    in one process with one thread."""
     import os
     import subprocess
     import sys
@@ -278,13 +280,20 @@ def test_a_run_split_between_two_jobs_is_the_run_trained_in_one_go(
     import torch
     from conftest import tiny_overrides
 
+    from dida.cli.quickstart import plan_jobs
     from dida.engine.checkpoint import load_checkpoint
+
+    methods = ["source_only", "daformer", "dida", "dida_intended"]
+    split = [p for job in plan_jobs(_runs(methods, iters=6, log_interval=1), 2) for p in job
+             if p.stop is not None]  # fmt: skip
+    assert len(split) == 1
+    name, head = split[0].run.method, split[0].stop
 
     def quickstart(work: Path, jobs: int, threads: int) -> str:
         args = [sys.executable, "-m", "dida.cli.main", "quickstart", "--iters", "6", "--jobs",
-                str(jobs), "--methods", "source_only", "daformer", "dida", "--work-dir",
-                str(work), "--data-root", str(tmp_path / "data")]  # fmt: skip
-        for item in tiny_overrides(tiny_uda_root):
+                str(jobs), "--methods", *methods, "--work-dir", str(work), "--data-root",
+                str(tmp_path / "data")]  # fmt: skip
+        for item in tiny_overrides(tiny_uda_root):  # train.log_interval=1
             if not item.startswith(("method.name=", "train.max_iters=")):
                 args += ["--set", item]
         env = os.environ | {"OMP_NUM_THREADS": str(threads)}
@@ -293,10 +302,10 @@ def test_a_run_split_between_two_jobs_is_the_run_trained_in_one_go(
         return done.stdout + done.stderr
 
     out = quickstart(tmp_path / "split", jobs=2, threads=2)
-    assert "daformer (iterations 0-5/6)" in out and "daformer (iterations 5-6/6)" in out
-    assert "paused at iteration 5/6" in out and "resumed from" in out
+    assert f"{name} (iterations 0-{head}/6)" in out and f"{name} (iterations {head}-6/6)" in out
+    assert f"paused at iteration {head}/6" in out and "resumed from" in out
     quickstart(tmp_path / "whole", jobs=1, threads=1)
-    for method in ("source_only", "daformer", "dida"):
+    for method in methods:
         split = load_checkpoint(tmp_path / "split" / "seed0" / method / "latest.pth")
         whole = load_checkpoint(tmp_path / "whole" / "seed0" / method / "latest.pth")
         assert split["iteration"] == whole["iteration"] == 6
