@@ -39,7 +39,8 @@ def _sum_normalise(
         return sim / (sim.sum(dim=dim, keepdim=True) + eps), None
     den = sim.sum(dim=dim, keepdim=True)
     zero = den == 0
-    out = (sim / den.masked_fill(zero, 1.0)).masked_fill(zero, 0.0)
+    # in place: division's backward does not read its result, so no copy of a [.., K, ..] tensor
+    out = (sim / den.masked_fill(zero, 1.0)).masked_fill_(zero, 0.0)
     return out, ~zero.squeeze(dim)
 
 
