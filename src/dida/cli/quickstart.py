@@ -361,7 +361,7 @@ def _job(part: _Part, total: int) -> tuple[int, str, dict | None]:
     from dida.engine.logging import set_console_tag
 
     run = part.run
-    if part.start > 0 and _ready is not None:  # the other job trains the first iterations
+    if part.start > 0:  # the other job trains the first iterations
         while not _ready[run.n].wait(0.5):
             if _stop is not None and _stop.is_set():
                 return run.n, "stopped", None

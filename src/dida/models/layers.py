@@ -69,6 +69,19 @@ def _save_in_compute_dtype(ctx, x: torch.Tensor, weight: torch.Tensor):  # noqa:
 _SMALL_MAP = 64 * 64
 
 
+def _taps(size, k: int, dilation: int, order):  # noqa: ANN001, ANN202
+    """(tap t = i·k + j, output window, input window shifted by the tap) of the taps of a
+    "same"-padded dilated k×k kernel, in `order`, skipping those that fall outside an H×W map.
+    The windows index B×C×H×W tensors."""
+    h, w = size
+    for t in order:
+        dy, dx = (t // k - k // 2) * dilation, (t % k - k // 2) * dilation
+        y0, y1, x0, x1 = max(0, -dy), min(h, h - dy), max(0, -dx), min(w, w - dx)
+        if y1 > y0 and x1 > x0:
+            yield (t, (slice(None), slice(None), slice(y0, y1), slice(x0, x1)),
+                   (slice(None), slice(None), slice(y0 + dy, y1 + dy), slice(x0 + dx, x1 + dx)))
+
+
 def _depthwise_weight_grad_by_taps(grad: torch.Tensor, x: torch.Tensor, dilation: int,
                                    k: int) -> torch.Tensor:  # fmt: skip
     """Weight gradient of a "same"-padded dilated depthwise k×k convolution, tap by tap in fp32.
@@ -81,19 +94,12 @@ def _depthwise_weight_grad_by_taps(grad: torch.Tensor, x: torch.Tensor, dilation
     Shapes:
         grad, x: B×C×H×W -> C×k×k (fp32, or the inputs' dtype if wider)
     """
-    h, w = x.shape[2:]
     dtype = torch.promote_types(x.dtype, torch.float32)
     gf, xf = grad.to(dtype), x.to(dtype)
-    out = gf.new_zeros(x.shape[1], k, k)
-    for i in range(k):
-        dy = (i - k // 2) * dilation
-        for j in range(k):
-            dx = (j - k // 2) * dilation
-            y0, y1, x0, x1 = max(0, -dy), min(h, h - dy), max(0, -dx), min(w, w - dx)
-            if y1 > y0 and x1 > x0:
-                prod = gf[:, :, y0:y1, x0:x1] * xf[:, :, y0 + dy : y1 + dy, x0 + dx : x1 + dx]
-                out[:, i, j] = prod.sum((0, 2, 3))
-    return out
+    out = gf.new_zeros(x.shape[1], k * k)
+    for t, at, shifted in _taps(x.shape[2:], k, dilation, range(k * k)):
+        out[:, t] = (gf[at] * xf[shifted]).sum((0, 2, 3))
+    return out.view(-1, k, k)
 
 
 # from this dilation on, oneDNN runs a bf16 depthwise convolution as a GEMM, 2-5x slower than taps
@@ -123,18 +129,12 @@ def _depthwise_conv_by_taps(x: torch.Tensor, weight: torch.Tensor, dilation: int
     Shapes:
         x: B×C×H×W, weight: C×1×k×k (bf16) -> B×C×H×W (bf16)
     """
-    h, w = x.shape[2:]
     k = weight.shape[-1]
     xf, wf = x.float(), weight.float().view(-1, k * k)
     out = torch.zeros_like(xf)
     order = [t ^ 1 if (t ^ 1) < k * k else t for t in range(k * k)]  # 1, 0, 3, 2, ..., (k²-1)
-    for t in order:
-        dy, dx = (t // k - k // 2) * dilation, (t % k - k // 2) * dilation
-        y0, y1, x0, x1 = max(0, -dy), min(h, h - dy), max(0, -dx), min(w, w - dx)
-        if y1 > y0 and x1 > x0:
-            out[:, :, y0:y1, x0:x1].addcmul_(
-                xf[:, :, y0 + dy : y1 + dy, x0 + dx : x1 + dx], wf[:, t].view(1, -1, 1, 1)
-            )
+    for t, at, shifted in _taps(x.shape[2:], k, dilation, order):
+        out[at].addcmul_(xf[shifted], wf[:, t].view(1, -1, 1, 1))
     return out.to(x.dtype)
 
 
