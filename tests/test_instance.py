@@ -10,6 +10,7 @@ import torch.nn.functional as F
 
 from dida.adapt.instance import (
     calibrate_similarity,
+    chunk_rows,
     instance_loss,
     instance_similarity,
     normalise_similarity,
@@ -148,14 +149,48 @@ def test_compiled_chunks_match_eager(safe: bool) -> None:
     torch.testing.assert_close(grad, ref_grad, rtol=1e-4, atol=1e-6)
 
 
-def test_chunk_size_does_not_change_result() -> None:
-    student, teacher, bank, labels, probs = _inputs()
-    losses = [
-        instance_loss(student, teacher, bank, labels, probs, out_size=(11, 9), chunk_size=n)
-        for n in (1, 3, 100)
-    ]
-    torch.testing.assert_close(losses[0], losses[1])
-    torch.testing.assert_close(losses[0], losses[2])
+@pytest.mark.parametrize("out_size", [None, (11, 9), (29, 23)])
+@pytest.mark.parametrize("safe", [False, True])
+@pytest.mark.parametrize("normalisation", ["sum", "softmax"])
+def test_chunks_do_not_change_the_bits(
+    out_size: tuple[int, int] | None, safe: bool, normalisation: str
+) -> None:
+    """Loss and student gradient are the same bits for any chunking (and the default CPU one):
+    per chunk only the gradient at its output rows is taken, the height resize's backward runs
+    once over all rows, and the per-pixel losses are summed as one tensor."""
+    student, teacher, bank, labels, _ = _inputs()
+    with torch.no_grad():
+        student[0, :, 1, 2] = 0.0  # a pixel whose strong normaliser is exactly 0
+    logits = torch.randn(B, C, H, W, generator=torch.Generator().manual_seed(1))
+    size = (H, W) if out_size is None else out_size
+    mask = (torch.rand(B, *size, generator=torch.Generator().manual_seed(2)) > 0.3).float()
+    results = []
+    for n in (0, 1, 3, 100):
+        loss = instance_loss(
+            student, teacher, bank, labels, logits, normalisation=normalisation,
+            out_size=out_size, pixel_mask=mask, safe=safe, chunk_size=n,
+        )  # fmt: skip
+        results.append((loss, *torch.autograd.grad(loss, student)))
+        with torch.no_grad():  # the same loss without a gradient
+            assert torch.equal(loss, instance_loss(
+                student, teacher, bank, labels, logits, normalisation=normalisation,
+                out_size=out_size, pixel_mask=mask, safe=safe, chunk_size=n,
+            ))  # fmt: skip
+    assert torch.isfinite(results[0][0]) and results[0][1].abs().sum() > 0
+    for loss, grad in results[1:]:
+        assert torch.equal(loss, results[0][0])
+        assert torch.equal(grad, results[0][1])
+
+
+def test_cpu_chunks_are_cache_sized() -> None:
+    """On a CPU, one [R, B, K, W] tensor of a chunk is at most 1 MiB (the quickstart: 8 rows);
+    elsewhere the memory budget alone decides (one chunk where the loss fits)."""
+    row = 4 * 60 * 128 * 4  # batch 4, K = 60, 128 px wide, float32
+    assert chunk_rows(128, row, cpu=True) == 8
+    assert chunk_rows(128, row) == 128
+    assert chunk_rows(128, row, chunk_size=5, cpu=True) == 5
+    assert chunk_rows(512, 2 * 300 * 512 * 4) == 109  # 512x512, batch 2, K = 300: 5 chunks
+    assert chunk_rows(128, 4 << 20, cpu=True) == 1  # a row larger than the cache: one at a time
 
 
 def test_gradients_reach_only_student() -> None:
@@ -200,11 +235,11 @@ def test_loss_rejects_bad_shapes() -> None:
 def test_chunk_arithmetic_keeps_the_bits_of_the_direct_form() -> None:
     """The chunk's width resize runs as one batch of R·B·K channels and its negation after the
     sum over K: the bits of R·B·K one-channel resizes and of −(T·log S) summed, gradients too."""
-    from dida.adapt.instance import _rows
+    from dida.adapt.instance import _widen
 
     g = torch.Generator().manual_seed(3)
     slab = torch.rand(7, 2, 60, 32, generator=g).requires_grad_()
-    got = _rows(slab, None, 128)
+    got = _widen(slab, 128)
     want = F.interpolate(slab.reshape(-1, 1, 32), 128, mode="linear", align_corners=False)
     want = want.view(7, 2, 60, 128)
     grad = torch.randn(want.shape, generator=g)

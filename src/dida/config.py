@@ -196,7 +196,8 @@ class InstanceConfig:
     # restrict the loss to the target pixels of the ClassMix image
     target_pixels_only: bool = False
     # rows of the loss computed at once; 0 = as many as fit `chunk_memory_mb` (one chunk where
-    # the whole loss fits: the input-resolution loss at 512x512, batch 2, K=300 takes ~5 GB)
+    # the whole loss fits: the input-resolution loss at 512x512, batch 2, K=300 takes ~5 GB), on
+    # a CPU at most 1 MiB per tensor (cache-sized: faster); the bits do not depend on it
     chunk_size: int = 0
     chunk_memory_mb: int = 1024
 

@@ -167,98 +167,76 @@ def smooth_probs(
 
 
 @dataclass(frozen=True)
-class _Chunk:
-    """Output rows r0:r1 of the loss and the source rows lo:hi they interpolate from."""
-
-    r0: int
-    r1: int
-    lo: int
-    hi: int
-
-
-@dataclass(frozen=True)
 class _RowPlan:
     """Bilinear row taps of every output row (bilinear, align_corners=False), planned on the
-    host and stored once per device: `i0`, `i1` index the chunk's source slab, `lam` weights.
+    host and stored once per device: output row y is lerp(row i0[y], row i1[y], lam[y]).
 
-    Shapes: i0, i1: [out_h] int64; lam: [out_h] (the similarities' dtype)
+    Shapes: i0, i1: [out_h] int64; lam: [out_h, 1, 1, 1] (the similarities' dtype)
     """
 
-    chunks: tuple[_Chunk, ...]
     i0: torch.Tensor
     i1: torch.Tensor
     lam: torch.Tensor
     identity: bool  # same height: every output row is its own source row
 
+    def rows(self, x: torch.Tensor, r0: int, r1: int) -> torch.Tensor:
+        """Output rows r0:r1 from source rows: height by explicit lerp (advanced indexing:
+        index_select along dim 0 of a 4-D tensor is ~10x slower on CPU).
+
+        Shapes: x: [h, B, K, w] -> [r1 - r0, B, K, w]
+        """
+        if self.identity:
+            return x[r0:r1]
+        return torch.lerp(x[self.i0[r0:r1]], x[self.i1[r0:r1]], self.lam[r0:r1])
+
 
 _PLANS: dict[tuple, _RowPlan] = {}
 
 
-def _plan_rows(
-    h: int, out_h: int, rows: int, device: torch.device, dtype: torch.dtype
-) -> _RowPlan:
-    """Chunks of `rows` output rows and their taps; pure host arithmetic (float64, as torch's
-    float64), cached, so that planning never reads a device tensor."""
-    key = (h, out_h, rows, str(device), dtype)
+def _plan_rows(h: int, out_h: int, device: torch.device, dtype: torch.dtype) -> _RowPlan:
+    """The taps of every output row; pure host arithmetic (float64, as torch's float64),
+    cached, so that planning never reads a device tensor."""
+    key = (h, out_h, str(device), dtype)
     if key in _PLANS:
         return _PLANS[key]
-    i0s, i1s, lams, chunks = [], [], [], []
-    for r0 in range(0, out_h, rows):
-        r1 = min(r0 + rows, out_h)
-        srcs = [max((y + 0.5) * (h / out_h) - 0.5, 0.0) for y in range(r0, r1)]
-        i0 = [min(math.floor(v), h - 1) for v in srcs]
-        lam = [v - i for v, i in zip(srcs, i0, strict=True)]
-        # the last row's second tap is only needed when its weight is non-zero
-        lo, hi = i0[0], i0[-1] + 1 + int(lam[-1] > 0)
-        chunks.append(_Chunk(r0, r1, lo, hi))
-        i0s += [i - lo for i in i0]
-        i1s += [min(i + 1, h - 1, hi - 1) - lo for i in i0]
-        lams += lam
+    srcs = [max((y + 0.5) * (h / out_h) - 0.5, 0.0) for y in range(out_h)]
+    i0 = [min(math.floor(v), h - 1) for v in srcs]
+    lam = [v - i for v, i in zip(srcs, i0, strict=True)]
     plan = _RowPlan(
-        chunks=tuple(chunks),
-        i0=torch.tensor(i0s).to(device, non_blocking=True),
-        i1=torch.tensor(i1s).to(device, non_blocking=True),
-        lam=torch.tensor(lams, dtype=torch.float64).to(dtype).to(device, non_blocking=True),
-        identity=h == out_h and all(v == 0 for v in lams),
-    )
+        i0=torch.tensor(i0).to(device, non_blocking=True),
+        i1=torch.tensor([min(i + 1, h - 1) for i in i0]).to(device, non_blocking=True),
+        lam=torch.tensor(lam, dtype=torch.float64).to(dtype).view(-1, 1, 1, 1)
+        .to(device, non_blocking=True),
+        identity=h == out_h and all(v == 0 for v in lam),
+    )  # fmt: skip
     if len(_PLANS) > 64:  # a few shapes per run; bound the cache anyway
         _PLANS.clear()
     _PLANS[key] = plan
     return plan
 
 
-def _rows(slab: torch.Tensor, taps: tuple[torch.Tensor, ...] | None, out_w: int) -> torch.Tensor:
-    """Bilinear rows from a slab of source rows: height by explicit lerp, width by F.interpolate.
+def _widen(rows: torch.Tensor, out_w: int) -> torch.Tensor:
+    """Bilinear width resize of rows (the same separable weights as one full
+    F.interpolate(bilinear, align_corners=False) after the height lerp of `_RowPlan.rows`).
 
-    The same separable weights as one full F.interpolate(bilinear, align_corners=False). `taps`
-    are a chunk's (i0, i1, lam) of its `_RowPlan`, None for the same height (every output row is
-    its own source row).
+    One batch of R*B*K channels: the same arithmetic per row as R*B*K batches of one channel,
+    1.7x faster forward on CPUs (the quickstart's 30,720 rows: 3.6 against 6.3 ms).
 
     Shapes:
-        slab: [h', B, K, w] (rows first, so row gathers are contiguous) -> [R, B, K, out_w]
+        rows: [R, B, K, w] -> [R, B, K, out_w]
     """
-    if taps is None:
-        rows = slab  # same height: the rows themselves
-    else:
-        # advanced indexing: index_select along dim 0 of a 4-D tensor is ~10x slower on CPU
-        i0, i1, lam = taps
-        rows = torch.lerp(slab[i0], slab[i1], lam.view(-1, 1, 1, 1))  # [R, B, K, w]
     r, b, k, w = rows.shape
     if w == out_w:
         return rows
-    # one batch of R*B*K channels: the same arithmetic per row as R*B*K batches of one channel,
-    # 1.7x faster forward on CPUs (the quickstart's 30,720 rows: 3.6 against 6.3 ms)
-    flat = rows.reshape(1, r * b * k, w)  # [1, R*B*K, w]
-    wide = F.interpolate(flat, out_w, mode="linear", align_corners=False)  # [1, R*B*K, W]
+    wide = F.interpolate(rows.reshape(1, r * b * k, w), out_w, mode="linear", align_corners=False)
     return wide.view(r, b, k, out_w)
 
 
 def _chunk_loss(
-    slab: torch.Tensor,
-    weak_slab: torch.Tensor,
+    rows: torch.Tensor,
+    weak_rows: torch.Tensor,
     calib_rows: torch.Tensor | None,
     mask_rows: torch.Tensor | None,
-    taps: tuple[torch.Tensor, ...] | None,
     bank_labels: torch.Tensor,
     *,
     out_w: int,
@@ -270,20 +248,18 @@ def _chunk_loss(
     safe: bool,
     calibrate_source: str,
 ) -> torch.Tensor:
-    """Σ over one chunk's output rows of Σ_k −T_k log(S_s,k + log_eps) (see `instance_loss`).
+    """Σ_k −T_k log(S_s,k + log_eps) at each pixel of one chunk's output rows (`instance_loss`).
 
     Shapes:
-        slab, weak_slab: [h', B, K, w] source rows of the strong / weak similarities;
-        calib_rows: [R, B, C, W]; mask_rows: [R, B, W] -> scalar
+        rows, weak_rows: [R, B, K, w] strong / weak similarities at the output height;
+        calib_rows: [R, B, C, W]; mask_rows: [R, B, W] -> [R, B, W]
     """
     with torch.no_grad():
         target, _ = instance_target(
-            _rows(weak_slab, taps, out_w), calib_rows, bank_labels, normalisation=normalisation,
+            _widen(weak_rows, out_w), calib_rows, bank_labels, normalisation=normalisation,
             tau=tau_weak, source=calibrate_source, safe=safe, eps=eps, dim=2,
         )  # fmt: skip
-    pred, ok = _normalise(
-        _rows(slab, taps, out_w), normalisation, tau_strong, eps, dim=2, safe=safe
-    )
+    pred, ok = _normalise(_widen(rows, out_w), normalisation, tau_strong, eps, dim=2, safe=safe)
     # negated after the sum over K (the same bits: rounding is symmetric), one pass fewer over
     # [R, B, K, W] forward and backward
     per_pixel = (target * torch.log(pred + log_eps)).sum(dim=2).neg()  # [R, B, W]
@@ -291,7 +267,7 @@ def _chunk_loss(
         per_pixel = per_pixel.masked_fill(~ok, 0.0)
     if mask_rows is not None:
         per_pixel = per_pixel * mask_rows
-    return per_pixel.sum()
+    return per_pixel
 
 
 @functools.cache
@@ -303,39 +279,40 @@ def _compiled_chunk_loss():  # noqa: ANN202
 # [R, B, K, W] tensors alive at once in one chunk's forward and backward (about 6 measured, on
 # top of ~3 row-independent [h, B, K, w] and [H, B, C, W] tensors), with a margin
 CHUNK_LIVE_TENSORS = 8
+# on a CPU, chunks whose [R, B, K, W] tensors stay in the core's cache run the loss's ~25
+# element-wise passes faster than one big chunk (the quickstart's: 8 rows of 0.94 MiB, 65-75
+# against 80-115 ms forward and backward); the bits do not depend on the chunks
+CPU_CHUNK_TENSOR_BYTES = 1 << 20
 
 
-def chunk_rows(out_h: int, row_bytes: int, chunk_size: int = 0, chunk_bytes: int = 1 << 30) -> int:
+def chunk_rows(
+    out_h: int, row_bytes: int, chunk_size: int = 0, chunk_bytes: int = 1 << 30, cpu: bool = False
+) -> int:
     """Output rows per chunk: `chunk_size` if positive, else as many as fit `chunk_bytes` (one
-    chunk where the whole loss fits); `row_bytes` is one output row of one [R, B, K, W] tensor.
+    chunk where the whole loss fits), and on a `cpu` at most `CPU_CHUNK_TENSOR_BYTES` per
+    [R, B, K, W] tensor; `row_bytes` is one output row of one such tensor.
 
-    Fewer chunks mean fewer kernel launches: at 512x512 input resolution, batch 2, K = 300, the
-    default 1 GiB gives 5 chunks of 109 rows (32-row chunks took 16).
+    Fewer chunks mean fewer kernel launches on a GPU: at 512x512 input resolution, batch 2,
+    K = 300, the default 1 GiB gives 5 chunks of 109 rows (32-row chunks took 16).
     """
     if chunk_size > 0:
         return chunk_size
     budget = chunk_bytes // CHUNK_LIVE_TENSORS
+    if cpu:
+        budget = min(budget, CPU_CHUNK_TENSOR_BYTES)
     return max(1, min(out_h, budget // max(1, row_bytes)))
 
 
 class _EagerGradSum(torch.autograd.Function):
-    """Sum of chunk losses whose gradient is accumulated chunk by chunk during forward.
+    """A loss whose gradient is computed during forward, by `fn(sim) -> (loss, grad)`.
 
-    Each chunk's graph is built and freed inside forward, so peak memory is one chunk's graph;
-    backward only scales the accumulated gradient. Costs one extra backward if never used.
+    `fn` builds and frees its graphs chunk by chunk, so the peak is one chunk's graph; backward
+    only scales the gradient. Costs one extra backward if never used.
     """
 
     @staticmethod
-    def forward(ctx, sim: torch.Tensor, chunks: list) -> torch.Tensor:  # type: ignore[override]
-        total = sim.new_zeros((), dtype=torch.promote_types(sim.dtype, torch.float32))
-        grad = torch.zeros_like(sim)
-        for lo, hi, fn in chunks:
-            slab = sim[lo:hi].detach().requires_grad_(True)
-            with torch.enable_grad():
-                part = fn(slab)
-            (slab_grad,) = torch.autograd.grad(part, slab)
-            grad[lo:hi] += slab_grad
-            total += part.detach()
+    def forward(ctx, sim: torch.Tensor, fn) -> torch.Tensor:  # type: ignore[override]  # noqa: ANN001
+        total, grad = fn(sim.detach())
         ctx.save_for_backward(grad)
         return total
 
@@ -395,9 +372,10 @@ def instance_loss(
     None, and carries no gradient; neither does the bank. `out_size` None works at feature
     resolution; otherwise similarities are computed at feature resolution and upsampled bilinearly
     to `out_size` (equal to upsampling the embeddings first, as similarity is linear in them).
-    Output rows are processed `chunk_size` at a time (0: as many as fit `chunk_bytes`, see
-    `chunk_rows`); each chunk's gradient is taken right away (in forward) and its graph freed,
-    so the peak is one chunk, not [B, K, H, W] tensors. The chunks are planned on the host: the
+    Output rows are processed `chunk_size` at a time (0: as many as fit `chunk_bytes`, and on a
+    CPU a cache-sized chunk, see `chunk_rows`); each chunk's gradient at its rows is taken right
+    away (in forward) and its graph freed, so the peak is one chunk, not [B, K, H, W] tensors;
+    loss and gradient have the same bits for any chunking. The chunks are planned on the host: the
     loss never waits for the device. `compiled` runs each chunk's arithmetic through
     `torch.compile` (`train.compile`): its ~25 element-wise passes over [R, B, K, W] tensors
     forward and backward become a few fused kernels.
@@ -463,23 +441,41 @@ def _instance_loss(
     options = dict(out_w=out_w, normalisation=normalisation, tau_weak=tau_weak,
                    tau_strong=tau_strong, eps=eps, log_eps=log_eps, safe=safe,
                    calibrate_source=calibrate_source)  # fmt: skip
+    plan = _plan_rows(h, out_h, strong.device, strong.dtype)
+    row_bytes = b * k * out_w * strong.element_size()
+    rows = chunk_rows(out_h, row_bytes, chunk_size, chunk_bytes, cpu=strong.device.type == "cpu")
+    spans = [(r0, min(r0 + rows, out_h)) for r0 in range(0, out_h, rows)]
 
-    def chunk_loss(plan: _RowPlan, c: _Chunk, slab: torch.Tensor) -> torch.Tensor:
-        taps = None if plan.identity else (
-            plan.i0[c.r0 : c.r1], plan.i1[c.r0 : c.r1], plan.lam[c.r0 : c.r1])  # fmt: skip
+    def chunk_loss(r0: int, r1: int, rows: torch.Tensor) -> torch.Tensor:
         return loss_fn(
-            slab, weak[c.lo : c.hi], None if calib is None else calib[c.r0 : c.r1],
-            None if mask is None else mask[c.r0 : c.r1], taps, bank_labels, **options,
+            rows, plan.rows(weak, r0, r1), None if calib is None else calib[r0:r1],
+            None if mask is None else mask[r0:r1], bank_labels, **options,
         )  # fmt: skip
 
-    rows = chunk_rows(out_h, b * k * out_w * strong.element_size(), chunk_size, chunk_bytes)
-    plan = _plan_rows(h, out_h, rows, strong.device, strong.dtype)
-    chunks = [
-        (c.lo, c.hi, functools.partial(chunk_loss, plan, c)) for c in plan.chunks
-    ]
+    def loss_and_grad(sim: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """The summed loss and its gradient at `sim`, chunk by chunk. Per chunk, only the
+        gradient at its output rows is taken; the height lerp's backward runs once over all rows,
+        so the gradient and the sum (over one [H, B, W] tensor) have the bits of a single chunk."""
+        per_pixel = sim.new_empty((out_h, b, out_w))
+        grad_rows = sim.new_empty((out_h, *sim.shape[1:]))  # d loss / d (rows at output height)
+        for r0, r1 in spans:
+            x = plan.rows(sim, r0, r1).detach().requires_grad_()
+            with torch.enable_grad():
+                part = chunk_loss(r0, r1, x)
+                (x_grad,) = torch.autograd.grad(part.sum(), x)
+            grad_rows[r0:r1] = x_grad
+            per_pixel[r0:r1] = part.detach()
+        if plan.identity:
+            return per_pixel.sum(), torch.zeros_like(sim).add_(grad_rows)
+        leaf = sim.requires_grad_()
+        with torch.enable_grad():
+            (grad,) = torch.autograd.grad(plan.rows(leaf, 0, out_h), leaf, grad_rows)
+        return per_pixel.sum(), torch.zeros_like(sim).add_(grad)
+
     if strong.requires_grad:
-        total = _EagerGradSum.apply(strong, chunks)
+        total = _EagerGradSum.apply(strong, loss_and_grad)
     else:
-        total = sum((fn(strong[lo:hi]) for lo, hi, fn in chunks), strong.new_zeros(()))
+        per_pixel = [chunk_loss(r0, r1, plan.rows(strong, r0, r1)) for r0, r1 in spans]
+        total = torch.cat(per_pixel).sum()
     count = mask.sum().clamp_min(1) if mask is not None else b * out_h * out_w
     return weight * total / count
