@@ -33,12 +33,17 @@ def instance_similarity(embed: torch.Tensor, bank_feats: torch.Tensor) -> torch.
 def _sum_normalise(
     sim: torch.Tensor, dim: int, safe: bool, eps: float
 ) -> tuple[torch.Tensor, torch.Tensor | None]:
-    """S / Σ S over `dim` (see `normalise_similarity`), and where the normaliser is non-zero."""
+    """S / Σ S over `dim` (see `normalise_similarity`), and where the normaliser is non-zero
+    (None where it is non-zero everywhere, or `safe`)."""
     if safe:
         sim = sim.clamp_min(0)
         return sim / (sim.sum(dim=dim, keepdim=True) + eps), None
     den = sim.sum(dim=dim, keepdim=True)
     zero = den == 0
+    if sim.device.type == "cpu" and not zero.any():
+        # no 0/0 pixel (the rule): the masked fills would change nothing, and they cost more than
+        # the division; the check is a host read, free on a CPU (not done on a GPU: a sync)
+        return sim / den, None
     # in place: division's backward does not read its result, so no copy of a [.., K, ..] tensor
     out = (sim / den.masked_fill(zero, 1.0)).masked_fill_(zero, 0.0)
     return out, ~zero.squeeze(dim)
@@ -97,7 +102,8 @@ def instance_target(
     the normalised S_w times G (clamped at 0 for `teacher_probs`), divided by the sum + eps.
 
     Returns:
-        `(T, ok)`: `ok` is False where a normaliser was exactly 0 (None when `safe`).
+        `(T, ok)`: `ok` is False where a normaliser was exactly 0 (None when `safe`, and may be
+        None when no normaliser was 0).
 
     Shapes:
         weak_sim: [B, K, H, W], calib: [B, C, H, W], bank_labels: [K] -> [B, K, H, W], [B, H, W]
