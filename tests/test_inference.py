@@ -9,7 +9,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from dida.eval.inference import resize, slide_inference, whole_inference
+from dida.eval.inference import class_max, resize, slide_inference, whole_inference
 from dida.models import Segmentor, build_segmentor
 
 
@@ -153,3 +153,29 @@ def test_resize_gradient_is_interpolates_bit_for_bit(dtype: torch.dtype, threads
     with torch.no_grad():  # no graph: interpolate itself
         assert resize(x, (8, 8)).grad_fn is None
     assert resize(x, x.shape[2:]) is x
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_class_max_is_torch_max_bit_for_bit(dtype: torch.dtype) -> None:
+    """Values and indices of `x.max(dim=1)`: random scores, ties (the first class wins), +0/-0
+    ties, a NaN (torch's own route), and a class count beyond the uint8 ranks."""
+    g = torch.Generator().manual_seed(0)
+    cases = [
+        torch.randn(3, 19, 17, 23, generator=g),
+        torch.randint(0, 3, (2, 19, 16, 16), generator=g).float(),  # many ties
+        torch.softmax(torch.randn(2, 7, 9, 5, generator=g), dim=1),
+        torch.randn(1, 300, 4, 4, generator=g),
+    ]
+    zeros = torch.zeros(1, 4, 2, 2)
+    zeros[0, 1, 0, 0] = -0.0
+    zeros[0, 0, 1, 1] = -0.0
+    nan = torch.randn(2, 5, 3, 3, generator=g)
+    nan[1, 2, 1, 1] = float("nan")
+    for x in [*cases, zeros - 1.0 + 1.0, zeros.neg(), nan]:
+        x = x.to(dtype)
+        values, index = class_max(x)
+        want = x.max(dim=1)
+        assert torch.equal(index, want.indices)
+        assert torch.equal(values.isnan(), want.values.isnan())
+        assert torch.equal(values.nan_to_num(), want.values.nan_to_num())
+        assert torch.equal(values.signbit(), want.values.signbit())

@@ -17,6 +17,7 @@ import torch
 from torch import nn
 from torch.nn.modules.batchnorm import _BatchNorm
 
+from dida.eval.inference import class_max
 from dida.models.precision import LowPrecisionCopy
 
 BN_MODES = ("batch", "running")
@@ -192,7 +193,7 @@ def pseudo_label_from_probs(
     if ignore_top < 0 or ignore_bottom < 0:
         raise ValueError(f"ignore_top/ignore_bottom must be >= 0, got {ignore_top}/{ignore_bottom}")
     b, _, h, w = probs.shape
-    max_prob, label = probs.detach().max(dim=1)  # [B, H, W] each
+    max_prob, label = class_max(probs.detach())  # [B, H, W] each
     q = (max_prob >= threshold).float().mean()
     dist = torch.distributed
     if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:

