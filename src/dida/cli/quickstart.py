@@ -66,12 +66,12 @@ METHODS = {
 }
 # the methods a plain `dida quickstart` trains (its time budget); the others are opt-in
 DEFAULT_METHODS = ("source_only", "daformer", "dida", "dida_intended")
-# relative training time of a run (one thread, two runs at a time; the fresh-clone quickstart:
-# source-only 1:24, DIDA 4:12, DAFormer 3:17, DIDA with our fixes 3:21; MIC scaled from its 1.4x
-# and 1.5x of DAFormer): with --jobs > 1 `plan_jobs` spreads the runs so that the jobs finish
-# together
-COST = {"source_only": 1.0, "daformer": 2.35, "dida": 3.0, "dida_intended": 2.39, "mic": 3.3,
-        "dida_mic": 3.5}  # fmt: skip
+# relative training time of a run (one thread, two runs at a time; the quickstart: source-only
+# 1:22, DIDA 3:38, DAFormer 3:13, DIDA with our fixes 1:19 + 1:57 split; MIC 1.4x DAFormer,
+# DIDA+MIC 1.5x DAFormer before DIDA's instance loss got 0.34 faster): with --jobs > 1
+# `plan_jobs` spreads the runs so that the jobs finish together
+COST = {"source_only": 1.0, "daformer": 2.35, "dida": 2.66, "dida_intended": 2.39, "mic": 3.3,
+        "dida_mic": 3.16}  # fmt: skip
 # MIC at the quickstart's scale: 8-px blocks on the 128-px crop keep the published 16×16 grid
 # of blocks (64 px on HRDA's 1024 crops, 32 px on DAFormer's 512 crops); ratio 0.7, λ 1
 MIC_OVERRIDES = ["method.mic.enabled=true", "method.mic.block_size=8"]
