@@ -9,7 +9,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from dida.eval.inference import class_max, resize, slide_inference, whole_inference
+from dida.eval.inference import class_max, cpu_any, resize, slide_inference, whole_inference
 from dida.models import Segmentor, build_segmentor
 
 
@@ -179,3 +179,9 @@ def test_class_max_is_torch_max_bit_for_bit(dtype: torch.dtype) -> None:
         assert torch.equal(values.isnan(), want.values.isnan())
         assert torch.equal(values.nan_to_num(), want.values.nan_to_num())
         assert torch.equal(values.signbit(), want.values.signbit())
+
+
+def test_cpu_any_reads_cpu_tensors_only() -> None:
+    assert cpu_any(torch.tensor([False, True])) and not cpu_any(torch.zeros(3, dtype=torch.bool))
+    with pytest.raises(ValueError, match="sync"):
+        cpu_any(torch.zeros(3, dtype=torch.bool, device="meta"))

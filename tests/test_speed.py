@@ -20,6 +20,7 @@ from dida.engine.speed import (
     prepare_method,
     window_mean,
 )
+from dida.eval.inference import CPU_HOST_READ
 from dida.models import segmentor_from_config
 from dida.models.layers import is_dilated_depthwise
 
@@ -110,8 +111,10 @@ def test_a_step_reads_nothing_back_from_the_device(name: str) -> None:
         losses = step(3)  # not a bank update iteration (those run every update_interval)
     syncs = [
         " < ".join(_callers(e)) for e in prof.events() if e.name in SYNC_OPS
-        # AdamW's step counters are host tensors on CUDA too; _assert_async is async there
-        and not any(c.startswith(("Optimizer.step", "aten::_assert_async")) for c in _callers(e))
+        # AdamW's step counters are host tensors on CUDA too; _assert_async is async there;
+        # `cpu_any` reads CPU tensors only (refused on a GPU)
+        and not any(c.startswith(("Optimizer.step", "aten::_assert_async", CPU_HOST_READ))
+                    for c in _callers(e))  # fmt: skip
     ]
     assert syncs == []
     assert all(torch.is_tensor(v) or isinstance(v, float) for v in losses.values())
