@@ -19,12 +19,14 @@ Columns:
                 excluded; an operator whose operators below only allocate counts once): on
                 CUDA each is one kernel launch or more, so the CPU count is the launch count a
                 GPU run would have, without a GPU; in brackets those of `optimizer.step()` (a
-                for-loop AdamW, the CPU default, dispatches ~10 per parameter; foreach/fused few)
+                for-loop AdamW, the CPU default, dispatches ~10 per parameter; foreach/fused few;
+                DIDA's instance loss runs in a GPU's chunks here, not a CPU's cache-sized ones)
   memsets       zero_/fill_ (a memset or a tiny kernel on CUDA), apart from the dispatches
   launches      CUDA only: kernel launches (cudaLaunchKernel and friends) of the step
   syncs         host synchronisations: CUDA `torch.cuda.set_sync_debug_mode` warnings; on the CPU
                 the operators that would synchronise on a GPU (.item(), bool(), nonzero, unique;
-                not the AdamW step counters or `torch._assert_async`, which do not on CUDA)
+                not the AdamW step counters or `torch._assert_async`, which do not on CUDA,
+                nor the CPU-only shortcuts' reads of `dida.eval.inference.cpu_any`)
   GPU busy      kernel time of the profiled step / s/it
   compile s     wall time of the warm-up steps (compilation included) minus warm-up x s/it
 """
@@ -71,6 +73,9 @@ FILLED_ALLOCATIONS = {
 MEMSET_OPS = {"aten::zero_", "aten::fill_"}
 # operators that are no work of their own (memsets are counted apart)
 NO_WORK_OPS = VIEW_OPS | FILLED_ALLOCATIONS | MEMSET_OPS
+# scopes whose reads are no syncs: `_assert_async` reads its flag on the CPU (asynchronous on
+# CUDA); `cpu_any` reads CPU tensors only, for shortcuts that a GPU run does not take
+NO_SYNC_SCOPES = ("aten::_assert_async", "dida.cpu_host_read")
 # operators that make the host wait for the device on CUDA
 SYNC_OPS = {
     "aten::_local_scalar_dense", "aten::nonzero", "aten::_unique", "aten::_unique2",
@@ -101,6 +106,17 @@ def _config(case: argparse.Namespace):  # noqa: ANN202
     cfg.train.precision = case.precision
     cfg.train.compile = case.compile
     cfg.train.compile_mode = case.compile_mode
+    if case.device == "cpu" and case.method == "dida" and case.resolution == "input":
+        # a GPU's chunks of the instance loss (a CPU's are cache-sized, many more), so that the
+        # CPU's dispatch count is a GPU's launch count
+        try:
+            from dida.adapt.instance import chunk_rows
+        except ImportError:  # an older tree: one plan for every device
+            return cfg
+        row_bytes = case.batch * cfg.method.bank.size * case.crop * 4  # one fp32 row of [B, K, W]
+        cfg.method.instance.chunk_size = chunk_rows(
+            case.crop, row_bytes, 0, cfg.method.instance.chunk_memory_mb << 20
+        )
     return cfg
 
 
@@ -192,7 +208,7 @@ def _profile(step, batch: dict, i: int, device) -> dict:  # noqa: ANN001
             continue
         if not name.startswith("aten::") or _under(evt.cpu_parent, MULTI_TENSOR_OPS):
             continue
-        syncs += name in SYNC_OPS and not in_optimizer and not _under(evt, "aten::_assert_async")
+        syncs += name in SYNC_OPS and not in_optimizer and not _under(evt, NO_SYNC_SCOPES)
         if name.startswith(MULTI_TENSOR_OPS):  # one launch per ~100 tensors on CUDA
             n = max(1, math.ceil(sum(c.name.startswith("aten::") for c in evt.cpu_children) / 110))
         elif name in MEMSET_OPS:
