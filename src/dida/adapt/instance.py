@@ -381,12 +381,12 @@ def instance_loss(
     resolution; otherwise similarities are computed at feature resolution and upsampled bilinearly
     to `out_size` (equal to upsampling the embeddings first, as similarity is linear in them).
     Output rows are processed `chunk_size` at a time (0: as many as fit `chunk_bytes`, and on a
-    CPU a cache-sized chunk, see `chunk_rows`); each chunk's gradient at its rows is taken right
-    away (in forward) and its graph freed, so the peak is one chunk, not [B, K, H, W] tensors;
-    loss and gradient have the same bits for any chunking. The chunks are planned on the host: the
-    loss never waits for the device. `compiled` runs each chunk's arithmetic through
-    `torch.compile` (`train.compile`): its ~25 element-wise passes over [R, B, K, W] tensors
-    forward and backward become a few fused kernels.
+    CPU, not `compiled`, a cache-sized chunk, see `chunk_rows`); each chunk's gradient at its
+    rows is taken right away (in forward) and its graph freed, so the peak is one chunk, not
+    [B, K, H, W] tensors; loss and gradient have the same bits for any chunking. The chunks are
+    planned on the host: the loss never waits for the device. `compiled` runs each chunk's
+    arithmetic through `torch.compile` (`train.compile`): its ~25 element-wise passes over
+    [R, B, K, W] tensors forward and backward become a few fused kernels.
 
     Shapes:
         student_embed, teacher_embed: [B, D, h, w]; bank_feats: [K, D]; bank_labels: [K];
@@ -451,7 +451,10 @@ def _instance_loss(
                    calibrate_source=calibrate_source)  # fmt: skip
     plan = _plan_rows(h, out_h, strong.device, strong.dtype)
     row_bytes = b * k * out_w * strong.element_size()
-    rows = chunk_rows(out_h, row_bytes, chunk_size, chunk_bytes, cpu=strong.device.type == "cpu")
+    # cache-sized chunks for the eager passes on a CPU; compiled ones are fused (and each chunk
+    # shape is a graph of its own)
+    cpu = strong.device.type == "cpu" and not compiled
+    rows = chunk_rows(out_h, row_bytes, chunk_size, chunk_bytes, cpu=cpu)
     spans = [(r0, min(r0 + rows, out_h)) for r0 in range(0, out_h, rows)]
 
     def chunk_loss(r0: int, r1: int, rows: torch.Tensor) -> torch.Tensor:
