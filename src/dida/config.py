@@ -197,7 +197,8 @@ class InstanceConfig:
     target_pixels_only: bool = False
     # rows of the loss computed at once; 0 = as many as fit `chunk_memory_mb` (one chunk where
     # the whole loss fits: the input-resolution loss at 512x512, batch 2, K=300 takes ~5 GB), on
-    # a CPU at most 1 MiB per tensor (cache-sized: faster); the bits do not depend on it
+    # a CPU (not compiled) at most 1 MiB per tensor (cache-sized: faster); the bits do not
+    # depend on it
     chunk_size: int = 0
     chunk_memory_mb: int = 1024
 

@@ -42,9 +42,9 @@ def _sum_normalise(
         return sim / (sim.sum(dim=dim, keepdim=True) + eps), None
     den = sim.sum(dim=dim, keepdim=True)
     zero = den == 0
-    if sim.device.type == "cpu" and not cpu_any(zero):
+    if sim.device.type == "cpu" and not torch.compiler.is_compiling() and not cpu_any(zero):
         # no 0/0 pixel (the rule): the masked fills would change nothing, and they cost more than
-        # the division (the check would be a sync on a GPU)
+        # the division (the check would be a sync on a GPU, and a graph break when compiling)
         return sim / den, None
     # in place: division's backward does not read its result, so no copy of a [.., K, ..] tensor
     out = (sim / den.masked_fill(zero, 1.0)).masked_fill_(zero, 0.0)

@@ -71,7 +71,7 @@ def class_max(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     Shapes: x: B×C×H×W -> B×H×W, B×H×W int64
     """
     c = x.shape[1]
-    if x.device.type != "cpu" or x.dim() != 4 or c > 255:
+    if x.device.type != "cpu" or x.dim() != 4 or c > 255 or torch.compiler.is_compiling():
         return tuple(x.max(dim=1))
     values = x.amax(dim=1)
     if cpu_any(values.isnan()):
