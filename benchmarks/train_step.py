@@ -341,8 +341,9 @@ TABLE = [
 
 def _cases(args: argparse.Namespace) -> list[dict]:
     if args.table:
-        return [dict(zip(("method", "resolution", "feat_dist", "precision", "compile"), row,
+        rows = [dict(zip(("method", "resolution", "feat_dist", "precision", "compile"), row,
                          strict=True)) for row in TABLE]  # fmt: skip
+        return [r for r in rows if args.table_compile in ("all", r["compile"])]
     cases = []
     for precision, compile_, method, fd in itertools.product(
         args.precision, args.compile, args.method, args.feat_dist
@@ -384,6 +385,9 @@ def main() -> None:
                         help="train.compile_mode (reduce-overhead: CUDA graphs)")  # fmt: skip
     parser.add_argument("--table", action="store_true",
                         help="the README's speed table (10 cases) instead of the lists above")
+    parser.add_argument("--table-compile", default="all", choices=["all", "false", "blocks"],
+                        help="with --table: only its rows with this train.compile (default all; "
+                        "the eager rows take seconds each, the compiled ones minutes)")  # fmt: skip
     parser.add_argument("--profile", action="store_true",
                         help="also count dispatches, launches and syncs of one step")  # fmt: skip
     parser.add_argument("--threads", type=int, default=0, help="torch threads (0: default)")
