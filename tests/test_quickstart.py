@@ -83,18 +83,19 @@ def _times(plan: list, iters: int) -> list[list[tuple[int, float, float]]]:
 def test_jobs_finish_together_and_split_runs_keep_their_order(
     methods: list[str], seeds: int, jobs: int, iters: int
 ) -> None:
-    from dida.cli.quickstart import COST, plan_jobs
+    from dida.cli.quickstart import COST, SPLIT_STEP, plan_jobs
 
     runs = _runs(methods, seeds, iters)
     plan = plan_jobs(runs, jobs)
     assert len(plan) == jobs
-    # every run: all its iterations once, as [0, k) then [k, end) when split, k a log multiple
+    # every run: all its iterations once, as [0, k) then [k, end) when split, k a multiple of
+    # SPLIT_STEP (not of the log interval: a resume logs the interval's means as in one go)
     parts = {r.n: sorted((p.start, p.stop or iters) for job in plan for p in job if p.run is r)
              for r in runs}  # fmt: skip
     for n, spans in parts.items():
         assert spans[0][0] == 0 and spans[-1][1] == iters and len(spans) <= 2, (n, spans)
         if len(spans) == 2:
-            assert spans[0][1] == spans[1][0] and spans[0][1] % 50 == 0
+            assert spans[0][1] == spans[1][0] and spans[0][1] % SPLIT_STEP == 0
     assert sum(len(s) == 2 for s in parts.values()) >= 1
     times = _times(plan, iters)
     # a split run: its first part opens a job, its last part closes the job before, later
@@ -104,7 +105,7 @@ def test_jobs_finish_together_and_split_runs_keep_their_order(
                 assert k == 0 and i > 0 and plan[i - 1][-1].run is p.run and plan[i - 1][-1].start
                 assert times[i][0][2] <= times[i - 1][-1][1]
     ends = [job[-1][2] for job in times]
-    slack = max(COST[m] for m in methods) * 50  # one log interval of the costliest run
+    slack = max(COST[m] for m in methods) * SPLIT_STEP  # one split step of the costliest run
     assert max(ends) - min(ends) <= slack, ends
     assert max(ends) <= max(sum(COST[r.method] * iters for r in runs) / jobs,
                             max(COST[r.method] * iters for r in runs)) + slack  # fmt: skip
@@ -113,7 +114,7 @@ def test_jobs_finish_together_and_split_runs_keep_their_order(
 def test_a_run_too_short_to_split_is_placed_whole() -> None:
     from dida.cli.quickstart import plan_jobs
 
-    runs = _runs(["source_only", "daformer", "dida", "dida_intended"], iters=4)  # log every 50
+    runs = _runs(["source_only", "daformer", "dida", "dida_intended"], iters=4)  # < SPLIT_STEP
     plan = plan_jobs(runs, 2)
     assert sorted(p.run.n for job in plan for p in job) == [1, 2, 3, 4]
     assert all(p.start == 0 and p.stop is None for job in plan for p in job)
@@ -280,19 +281,20 @@ def test_a_run_split_between_two_jobs_is_the_run_trained_in_one_go(
     import torch
     from conftest import tiny_overrides
 
-    from dida.cli.quickstart import plan_jobs
+    from dida.cli.quickstart import SPLIT_STEP, plan_jobs
     from dida.engine.checkpoint import load_checkpoint
 
     methods = ["source_only", "daformer", "dida", "dida_intended"]
-    split = [p for job in plan_jobs(_runs(methods, iters=6, log_interval=1), 2) for p in job
+    iters = 2 * SPLIT_STEP  # a split needs a run of two split steps or more
+    split = [p for job in plan_jobs(_runs(methods, iters=iters, log_interval=1), 2) for p in job
              if p.stop is not None]  # fmt: skip
     assert len(split) == 1
     name, head = split[0].run.method, split[0].stop
 
     def quickstart(work: Path, jobs: int, threads: int) -> str:
-        args = [sys.executable, "-m", "dida.cli.main", "quickstart", "--iters", "6", "--jobs",
-                str(jobs), "--methods", *methods, "--work-dir", str(work), "--data-root",
-                str(tmp_path / "data")]  # fmt: skip
+        args = [sys.executable, "-m", "dida.cli.main", "quickstart", "--iters", str(iters),
+                "--jobs", str(jobs), "--methods", *methods, "--work-dir", str(work),
+                "--data-root", str(tmp_path / "data")]  # fmt: skip
         for item in tiny_overrides(tiny_uda_root):  # train.log_interval=1
             if not item.startswith(("method.name=", "train.max_iters=")):
                 args += ["--set", item]
@@ -302,13 +304,14 @@ def test_a_run_split_between_two_jobs_is_the_run_trained_in_one_go(
         return done.stdout + done.stderr
 
     out = quickstart(tmp_path / "split", jobs=2, threads=2)
-    assert f"{name} (iterations 0-{head}/6)" in out and f"{name} (iterations {head}-6/6)" in out
-    assert f"paused at iteration {head}/6" in out and "resumed from" in out
+    assert f"{name} (iterations 0-{head}/{iters})" in out
+    assert f"{name} (iterations {head}-{iters}/{iters})" in out
+    assert f"paused at iteration {head}/{iters}" in out and "resumed from" in out
     quickstart(tmp_path / "whole", jobs=1, threads=1)
     for method in methods:
         split = load_checkpoint(tmp_path / "split" / "seed0" / method / "latest.pth")
         whole = load_checkpoint(tmp_path / "whole" / "seed0" / method / "latest.pth")
-        assert split["iteration"] == whole["iteration"] == 6
+        assert split["iteration"] == whole["iteration"] == iters
         for key, value in whole["student"].items():
             assert torch.equal(split["student"][key], value), (method, key)
         results = [json.loads((tmp_path / w / "seed0" / method / "preds" / "results.json")

@@ -72,6 +72,10 @@ DEFAULT_METHODS = ("source_only", "daformer", "dida", "dida_intended")
 # `plan_jobs` spreads the runs so that the jobs finish together
 COST = {"source_only": 1.0, "daformer": 2.35, "dida": 2.66, "dida_intended": 2.39, "mic": 3.3,
         "dida_mic": 3.16}  # fmt: skip
+# a split run's parts are multiples of this many iterations (~4 s of a DIDA run here): fine
+# enough to end the jobs together, coarse enough that no part is only a few iterations long
+SPLIT_STEP = 10
+
 # MIC at the quickstart's scale: 8-px blocks on the 128-px crop keep the published 16×16 grid
 # of blocks (64 px on HRDA's 1024 crops, 32 px on DAFormer's 512 crops); ratio 0.7, λ 1
 MIC_OVERRIDES = ["method.mic.enabled=true", "method.mic.block_size=8"]
@@ -305,9 +309,10 @@ def plan_jobs(runs: list[_Run], jobs: int) -> list[list[_Part]]:
 
     McNaughton's wrap-around rule on the runs' estimated times (`COST` x iterations): the jobs are
     filled one after another up to T = max(longest run, total / jobs); the run that crosses T is
-    split at a multiple of its log interval: its first iterations open the next job, its last
-    ones close this job (their times never overlap, as no run is longer than T; the job waits if
-    they would). Exact resume makes a split run the run trained in one go.
+    split at a multiple of `SPLIT_STEP` iterations: its first iterations open the next job, its
+    last ones close this job (their times never overlap, as no run is longer than T; the job
+    waits if they would). Exact resume (the logged interval means included, whatever the split)
+    makes a split run the run trained in one go.
     """
     cost = {r.n: COST.get(r.method, 1.0) * r.cfg.train.max_iters for r in runs}
     limit = max(max(cost.values()), sum(cost.values()) / jobs)
@@ -316,9 +321,8 @@ def plan_jobs(runs: list[_Run], jobs: int) -> list[list[_Part]]:
     for run in sorted(runs, key=lambda r: (-cost[r.n], r.n)):
         iters = run.cfg.train.max_iters
         if job < jobs - 1 and load + cost[run.n] > limit:
-            # the first `head` iterations go to the next job (a multiple of the log interval,
-            # so that the logged window means are those of a run trained in one go)
-            step = max(1, min(run.cfg.train.log_interval, iters))
+            # the first `head` iterations go to the next job
+            step = max(1, min(SPLIT_STEP, iters))
             head = round((1.0 - (limit - load) / cost[run.n]) * iters / step) * step
             if head >= iters:  # (nearly) nothing fits here: the whole run opens the next job
                 job, load = job + 1, 0.0

@@ -203,7 +203,7 @@ def _train(cfg, run_dir, resume, on_finish, locks, stop_at) -> dict:  # noqa: AN
     prepare_method(method, tcfg.compile, dtype, dist_info.enabled, tcfg.compile_mode)
     optimizer = build_optimizer(student, cfg.optim)
     scaler = torch.amp.GradScaler(device.type, enabled=dtype == torch.float16)
-    start, best = _maybe_resume(resume, run_dir, method, optimizer, scaler, device)
+    start, best, unlogged = _maybe_resume(resume, run_dir, method, optimizer, scaler, device)
     writer = MetricWriter(run_dir, tcfg.tensorboard, enabled=dist_info.is_main)
     end = tcfg.max_iters if stop_at is None else max(start, min(stop_at, tcfg.max_iters))
     log.info(
@@ -218,7 +218,10 @@ def _train(cfg, run_dir, resume, on_finish, locks, stop_at) -> dict:  # noqa: AN
     backward = StepBackward(student.parameters(), scaler.scale, foreach=not dist_info.enabled)
 
     def state(iteration: int) -> dict:
-        return {**_checkpoint_state(cfg, iteration, method, optimizer, scaler), "best": best}
+        # the metrics read since the last log line travel along: a run resumed between two log
+        # lines logs the means of the whole interval, as the run trained in one go
+        return {**_checkpoint_state(cfg, iteration, method, optimizer, scaler), "best": best,
+                "unlogged": unlogged}  # fmt: skip
 
     t_start, t_window, n_window = time.perf_counter(), time.perf_counter(), 0
     window = LossWindow()  # the step's metrics stay on the device until read
@@ -252,7 +255,8 @@ def _train(cfg, run_dir, resume, on_finish, locks, stop_at) -> dict:  # noqa: AN
                 # the only host read of the metrics: no other step waits for the device
                 steps = window.read()
                 _check_finite(steps)
-                mean = window_mean(steps)
+                unlogged = unlogged + steps  # the interval's steps read so far
+                mean = window_mean(unlogged)
             if log_now and tcfg.compile != "false" and compiled_graphs() != graphs:
                 log.info("torch.compile: %d graphs (+%d since the last log)",
                          compiled_graphs(), compiled_graphs() - graphs)  # fmt: skip
@@ -272,6 +276,8 @@ def _train(cfg, run_dir, resume, on_finish, locks, stop_at) -> dict:  # noqa: AN
                 )
                 writer.write(done, "train", {"lr": lr, "it_per_s": speed, **mean})
                 t_window, n_window = time.perf_counter(), 0
+            if log_now:
+                unlogged = []
             if dist_info.is_main and step.images:
                 _write_debug(run_dir, iteration, step.images)
             new_best = False
@@ -352,14 +358,17 @@ def _train_loader(cfg: ExperimentConfig, dataset, start: int, dist_info: DistInf
     )  # fmt: skip
 
 
-def _maybe_resume(resume, run_dir, method, optimizer, scaler, device) -> tuple[int, dict]:  # noqa: ANN001
-    """(first iteration, best evaluation so far) of a resumed run; (0, {}) for a new one."""
+def _maybe_resume(  # noqa: ANN202
+    resume, run_dir, method, optimizer, scaler, device  # noqa: ANN001
+):
+    """(first iteration, best evaluation so far, the metrics of the steps since the last log line)
+    of a resumed run; (0, {}, []) for a new one."""
     if resume is None:
-        return 0, {}
+        return 0, {}, []
     path = ckpt_io.find_latest(run_dir) if resume == "auto" else Path(resume)
     if path is None:
         log.info("--resume auto: no checkpoint in %s, starting from scratch", run_dir)
-        return 0, {}
+        return 0, {}, []
     ckpt = ckpt_io.load_checkpoint(path, map_location=device)
     method.load_training_state(ckpt)
     optimizer.load_state_dict(ckpt["optimizer"])
@@ -367,7 +376,9 @@ def _maybe_resume(resume, run_dir, method, optimizer, scaler, device) -> tuple[i
         scaler.load_state_dict(ckpt["scaler"])
     ckpt_io.set_rng_state(ckpt["rng"], method.generator)
     log.info("resumed from %s at iteration %d", path, ckpt["iteration"])
-    return int(ckpt["iteration"]), dict(ckpt.get("best") or {})
+    # (checkpoints before this key resumed at log lines only: nothing unlogged)
+    unlogged = [(int(it), dict(metrics)) for it, metrics in ckpt.get("unlogged") or []]
+    return int(ckpt["iteration"]), dict(ckpt.get("best") or {}), unlogged
 
 
 def _checkpoint_state(cfg, iteration, method, optimizer, scaler) -> dict:  # noqa: ANN001
