@@ -38,6 +38,8 @@ DOCS = ["README.md"] + sorted(
     str(p.relative_to(REPO)) for p in (REPO / "docs").glob("*.md") if p.name != "deviations.md"
 )
 SEED_SCRIPTS = {"run_exp.sh": ("train", "--exp"), "test.sh": ("test",), "run_config.sh": ("train",)}
+# documented bash scripts and their options (tests/test_gpu_check.py runs gpu_check.sh on a CPU)
+BASH_SCRIPTS = {"benchmarks/gpu_check.sh": {"--fetch"}}
 # harmless shell words that need no coverage (environment set-up)
 SHELL_BUILTINS = {".", "source", "cd", "export", "mkdir", "ln", "ls", "unzip", "tar"}
 PYTEST_OPTIONS = {"-q", "-x", "-v", "-k", "-m", "--lf"}
@@ -197,6 +199,18 @@ def check_sh(args: list[str]) -> None:
     check_dida([*forwarded, args[1], *args[positional + 1 :]])
 
 
+def check_bash(args: list[str]) -> None:
+    """`bash SCRIPT [OPTION]`: a documented script, valid bash, with options it knows."""
+    assert args and args[0] in BASH_SCRIPTS, f"bash {shlex.join(args)}: not a documented script"
+    script = REPO / args[0]
+    assert script.is_file(), f"bash {args[0]}: no such file"
+    subprocess.run(["bash", "-n", str(script)], check=True)
+    unknown = set(args[1:]) - BASH_SCRIPTS[args[0]]
+    assert not unknown, f"bash {shlex.join(args)}: unknown options {sorted(unknown)}"
+    for option in args[1:]:
+        assert option in script.read_text(), f"bash {args[0]}: does not handle {option}"
+
+
 def _make_targets() -> set[str]:
     text = (REPO / "Makefile").read_text()
     return set(re.findall(r"^([a-z][\w-]*):", text, flags=re.M))
@@ -232,6 +246,8 @@ def check_command(tokens: list[str], monkeypatch: pytest.MonkeyPatch) -> None:
         check_dida(args[args.index("-m") + 2 :])
     elif head == "sh":
         check_sh(args)
+    elif head == "bash":
+        check_bash(args)
     elif head == "pip":
         check_pip(args)
     elif head == "make":

@@ -1,0 +1,31 @@
+"""benchmarks/gpu_check.sh, the prepared GPU check, as its CPU dry run (a tiny model)."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+@pytest.mark.slow
+def test_gpu_check_dry_run_writes_the_environment_and_the_eager_table(tmp_path: Path) -> None:
+    """With DEVICE=cpu the script runs the speed table's 8 eager rows (each row logged as it
+    finishes, then the table) and stops its compiled rows at their time limit."""
+    env = os.environ | {
+        "OUT": str(tmp_path), "DEVICE": "cpu", "VARIANT": "mit_tiny", "CROP": "32",
+        "PYTHON": sys.executable, "EAGER_S": "300", "COMPILED_S": "1",
+    }  # fmt: skip
+    done = subprocess.run(["bash", str(REPO / "benchmarks" / "gpu_check.sh")], env=env,
+                          capture_output=True, text=True, timeout=400)  # fmt: skip
+    assert done.returncode == 0, done.stdout + done.stderr
+    assert "torch" in (tmp_path / "env.txt").read_text()
+    eager = (tmp_path / "eager.txt").read_text()
+    assert eager.count("done: ") == 8
+    rows = [line for line in eager.splitlines() if line.startswith("| d")]
+    assert len(rows) == 8 and all(line.rstrip().endswith("| 0 |") for line in rows)  # no syncs
+    assert "(compiled: stopped at its 1 s limit" in (tmp_path / "compiled.txt").read_text()
