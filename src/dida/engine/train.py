@@ -358,9 +358,9 @@ def _train_loader(cfg: ExperimentConfig, dataset, start: int, dist_info: DistInf
     )  # fmt: skip
 
 
-def _maybe_resume(  # noqa: ANN202
+def _maybe_resume(
     resume, run_dir, method, optimizer, scaler, device  # noqa: ANN001
-):
+) -> tuple[int, dict, list]:
     """(first iteration, best evaluation so far, the metrics of the steps since the last log line)
     of a resumed run; (0, {}, []) for a new one."""
     if resume is None:
@@ -376,7 +376,7 @@ def _maybe_resume(  # noqa: ANN202
         scaler.load_state_dict(ckpt["scaler"])
     ckpt_io.set_rng_state(ckpt["rng"], method.generator)
     log.info("resumed from %s at iteration %d", path, ckpt["iteration"])
-    # (checkpoints before this key resumed at log lines only: nothing unlogged)
+    # (older checkpoints carry none: a resume between log lines then logs the rest's means)
     unlogged = [(int(it), dict(metrics)) for it, metrics in ckpt.get("unlogged") or []]
     return int(ckpt["iteration"]), dict(ckpt.get("best") or {}), unlogged
 
