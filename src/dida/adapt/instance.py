@@ -476,12 +476,13 @@ def _instance_loss(
                 (x_grad,) = torch.autograd.grad(part.sum(), x)
             grad_rows[r0:r1] = x_grad
             per_pixel[r0:r1] = part.detach()
-        if plan.identity:
-            return per_pixel.sum(), torch.zeros_like(sim).add_(grad_rows)
-        leaf = sim.requires_grad_()
-        with torch.enable_grad():
-            (grad,) = torch.autograd.grad(plan.rows(leaf, 0, out_h), leaf, grad_rows)
-        return per_pixel.sum(), torch.zeros_like(sim).add_(grad)
+        grad = grad_rows  # the same height: the rows are `sim`'s own
+        if not plan.identity:
+            leaf = sim.requires_grad_()
+            with torch.enable_grad():
+                (grad,) = torch.autograd.grad(plan.rows(leaf, 0, out_h), leaf, grad_rows)
+        # + 0.0 turns -0 into +0, as the gradient accumulated into zeros did before
+        return per_pixel.sum(), grad + 0.0
 
     if strong.requires_grad:
         total = _EagerGradSum.apply(strong, loss_and_grad)

@@ -64,7 +64,7 @@ def accuracy(logits: torch.Tensor, labels: torch.Tensor, ignore_index: int = 255
     """
     _check_logits_labels(logits, labels)
     valid = labels != ignore_index
-    correct = (class_max(logits)[1] == labels) & valid  # = argmax, 8x faster on CPUs
+    correct = (class_max(logits)[1] == labels) & valid  # = argmax(1)
     return 100.0 * correct.sum().float() / valid.sum().clamp_min(1).float()
 
 

@@ -160,8 +160,8 @@ def train(
 
     `on_finish(method)` runs on every rank before the process group closes (tests use it).
     `stop_at` < `train.max_iters`: pause after that iteration with `latest.pth` written, to be
-    continued with `resume` (in any process: the resumed run is the run trained in one go; at a
-    multiple of `train.log_interval` its logged metrics are too).
+    continued with `resume` (in any process: the resumed run is the run trained in one go, its
+    logged metrics included).
 
     Raises:
         RunDirError: `run_dir` holds a run and `resume` is None, or another process trains in it.
@@ -256,7 +256,6 @@ def _train(cfg, run_dir, resume, on_finish, locks, stop_at) -> dict:  # noqa: AN
                 steps = window.read()
                 _check_finite(steps)
                 unlogged = unlogged + steps  # the interval's steps read so far
-                mean = window_mean(unlogged)
             if log_now and tcfg.compile != "false" and compiled_graphs() != graphs:
                 log.info("torch.compile: %d graphs (+%d since the last log)",
                          compiled_graphs(), compiled_graphs() - graphs)  # fmt: skip
@@ -264,6 +263,7 @@ def _train(cfg, run_dir, resume, on_finish, locks, stop_at) -> dict:  # noqa: AN
             if dist_info.is_main and log_now:
                 speed = n_window / (time.perf_counter() - t_window)
                 eta = (tcfg.max_iters - done) / max(speed, 1e-9)
+                mean = window_mean(unlogged)
                 losses = " ".join(f"{k} {v:.4f}" for k, v in mean.items())
                 log.info(
                     "iter %d/%d  %.2f it/s  eta %s  lr %.3g  %s",

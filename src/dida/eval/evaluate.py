@@ -212,7 +212,7 @@ def evaluate(
                 aug_ratios=aug_ratios,
                 flip=flip,
             )
-            pred = class_max(logits)[1][0].cpu()  # = argmax(1), 8x faster on CPUs  # [H, W]
+            pred = class_max(logits)[1][0].cpu()  # = argmax(1)  # [H, W]
             evaluator.process(pred, label)
             if on_prediction is not None:
                 on_prediction(pred, item)
