@@ -149,3 +149,32 @@ def test_load_segmentor_restores_every_weight(tmp_path) -> None:
     torch.save({"student": partial}, tmp_path / "partial.pth")
     with pytest.raises(CheckpointError, match="missing"):
         load_segmentor(model_cfg, tmp_path / "partial.pth")
+
+
+def test_meta_build_skips_the_random_init() -> None:
+    """`load_segmentor` builds on the meta device and fills nothing at random there: torch's meta
+    `normal_` would import `torch._dynamo` (~1 s of every `dida test`). A normal build still
+    draws the original init (the same weights for the same seed)."""
+    import subprocess
+    import sys
+
+    from dida.config import ModelConfig
+    from dida.models import segmentor_from_config
+
+    code = (
+        "import sys\n"
+        "from dida.config import ModelConfig\n"
+        "from dida.eval.evaluate import _build_uninitialised\n"
+        "model = _build_uninitialised(ModelConfig(variant='mit_b0', pretrained=None))\n"
+        "assert not any(p.is_meta for p in model.parameters())\n"
+        "print('torch._dynamo' in sys.modules)\n"
+    )
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    assert out.stdout.strip() == "False"
+    model_cfg = ModelConfig(variant="mit_b0", num_classes=4, embed_dim=16, pretrained=None)
+    torch.manual_seed(0)
+    a = segmentor_from_config(model_cfg).state_dict()
+    torch.manual_seed(0)
+    b = segmentor_from_config(model_cfg).state_dict()
+    assert all(torch.equal(a[k], b[k]) for k in a)
+    assert a["head.conv_seg.weight"].std() > 0 and a["encoder.block1.0.attn.q.weight"].std() > 0

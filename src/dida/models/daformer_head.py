@@ -13,7 +13,7 @@ import torch
 from torch import nn
 
 from dida.eval.inference import resize
-from dida.models.layers import ConvBNReLU, DepthwiseSeparableConvBNReLU, init_conv_bn_
+from dida.models.layers import ConvBNReLU, DepthwiseSeparableConvBNReLU, init_conv_bn_, is_meta
 
 
 class MLP(nn.Module):
@@ -91,8 +91,9 @@ class DAFormerHead(nn.Module):
         self.dropout = nn.Dropout2d(dropout)
         self.conv_seg = nn.Conv2d(embed_dim, num_classes, 1)
         init_conv_bn_(self.fuse_layer)
-        nn.init.normal_(self.conv_seg.weight, 0.0, 0.01)
-        nn.init.zeros_(self.conv_seg.bias)
+        if not is_meta(self.conv_seg):
+            nn.init.normal_(self.conv_seg.weight, 0.0, 0.01)
+            nn.init.zeros_(self.conv_seg.bias)
 
     def forward(self, features: Sequence[torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
         """Decode encoder features.

@@ -311,9 +311,19 @@ class DepthwiseSeparableConvBNReLU(nn.Module):
         return self.pointwise_conv(self.depthwise_conv(x))
 
 
+def is_meta(module: nn.Module) -> bool:
+    """Whether `module`'s own weights are on the meta device: a build without values (the
+    checkpoint's come next), whose random init is skipped (torch's meta `normal_` is a Python
+    decomposition: its first call imports `torch._dynamo`, ~1 s of every `dida test`)."""
+    return any(p.is_meta for p in module.parameters(recurse=False))
+
+
 def init_conv_bn_(module: nn.Module) -> None:
-    """Kaiming-normal (fan_out, ReLU) for convs, weight 1 / bias 0 for BN, in place (mmcv init)."""
+    """Kaiming-normal (fan_out, ReLU) for convs, weight 1 / bias 0 for BN, in place (mmcv init);
+    meta weights are left as they are."""
     for m in module.modules():
+        if is_meta(m):
+            continue
         if isinstance(m, nn.Conv2d):
             nn.init.kaiming_normal_(m.weight, mode="fan_out", nonlinearity="relu")
             if m.bias is not None:

@@ -16,7 +16,7 @@ import torch.nn.functional as F
 from torch import nn
 from torch.utils.checkpoint import checkpoint
 
-from dida.models.layers import DropPath
+from dida.models.layers import DropPath, is_meta
 
 # Per-variant settings of the original `mit_b0`..`mit_b5` classes (NVlabs `mix_transformer.py`).
 _WIDE = [64, 128, 320, 512]
@@ -218,7 +218,10 @@ class MiT(nn.Module):
 
 
 def _init_weights(m: nn.Module) -> None:
-    """Original MiT init: trunc-normal(0.02) Linear, LN 1/0, conv normal(0, sqrt(2/fan_out))."""
+    """Original MiT init: trunc-normal(0.02) Linear, LN 1/0, conv normal(0, sqrt(2/fan_out)).
+    Weights on the meta device (a build that loads a checkpoint next) are left as they are."""
+    if is_meta(m):
+        return
     if isinstance(m, nn.Linear):
         nn.init.trunc_normal_(m.weight, std=0.02)
         if m.bias is not None:
