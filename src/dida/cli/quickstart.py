@@ -220,6 +220,8 @@ def _train_and_test(
         return json.loads(results.read_text())
     train(cfg, run_dir, resume=resume)
     test = ["test", str(run_dir), "--show-dir", str(run_dir / "preds"), "--quiet"]
+    if job:  # the other jobs keep the other cores busy: data-loading processes would only
+        test += ["--set", "eval.num_workers=0"]  # take time from them (the same results)
     with contextlib.redirect_stdout(io.StringIO()) if job else contextlib.nullcontext():
         code = main(test)
     if code == 130:
