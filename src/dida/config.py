@@ -430,7 +430,7 @@ def _choice(*options: str) -> tuple[Callable[[Any], bool], str]:
 
 
 def _variant() -> tuple[Callable[[Any], bool], str]:
-    from dida.models.mit import MIT_VARIANTS
+    from dida.models.variants import MIT_VARIANTS  # plain data: no torch import
 
     return (lambda v: v in MIT_VARIANTS), "one of " + ", ".join(sorted(MIT_VARIANTS))
 
