@@ -21,17 +21,7 @@ _EXPORTS = {
     "load_pretrained": "dida.models.weights",
     "segmentor_from_config": "dida.models.segmentor",
 }
-__all__ = [
-    "MIT_VARIANTS",
-    "DAFormerHead",
-    "LoadReport",
-    "MiT",
-    "Segmentor",
-    "build_mit",
-    "build_segmentor",
-    "load_pretrained",
-    "segmentor_from_config",
-]
+__all__ = list(_EXPORTS)
 
 
 def __getattr__(name: str) -> Any:
@@ -40,9 +30,13 @@ def __getattr__(name: str) -> Any:
     return getattr(importlib.import_module(_EXPORTS[name]), name)
 
 
-if TYPE_CHECKING:
-    from dida.models.daformer_head import DAFormerHead
-    from dida.models.mit import MiT, build_mit
-    from dida.models.segmentor import Segmentor, build_segmentor, segmentor_from_config
-    from dida.models.variants import MIT_VARIANTS
-    from dida.models.weights import LoadReport, load_pretrained
+if TYPE_CHECKING:  # the same names for type checkers and editors (`X as X`: re-exported)
+    from dida.models.daformer_head import DAFormerHead as DAFormerHead
+    from dida.models.mit import MiT as MiT
+    from dida.models.mit import build_mit as build_mit
+    from dida.models.segmentor import Segmentor as Segmentor
+    from dida.models.segmentor import build_segmentor as build_segmentor
+    from dida.models.segmentor import segmentor_from_config as segmentor_from_config
+    from dida.models.variants import MIT_VARIANTS as MIT_VARIANTS
+    from dida.models.weights import LoadReport as LoadReport
+    from dida.models.weights import load_pretrained as load_pretrained
