@@ -2,7 +2,8 @@
 
 Runs the real method module (`dida.adapt`) with the engine's optimizer, precision and compile
 settings on random tensors of the given crop, so it measures the step itself, not data loading.
-Every case runs in a fresh subprocess (its own peak memory, no compile cache from another case).
+Every case runs in a fresh subprocess (its own peak memory) with an empty compile cache of its own
+(torch's on-disk Inductor/Triton cache would otherwise hand one case's compiled blocks to the next).
 Every list option multiplies the cases. Examples:
 
     python benchmarks/train_step.py --method daformer dida --variant mit_b0 --crop 512 --batch 2
@@ -28,7 +29,9 @@ Columns:
                 not the AdamW step counters or `torch._assert_async`, which do not on CUDA,
                 nor the CPU-only shortcuts' reads of `dida.eval.inference.cpu_any`)
   GPU busy      kernel time of the profiled step / s/it
-  compile s     wall time of the warm-up steps (compilation included) minus warm-up x s/it
+  compile s     wall time of the warm-up steps (compilation included) minus warm-up x s/it: a
+                cold compile, as a user's first run; --warm-cache: with torch's shared on-disk
+                cache, as later runs on the same machine
 """
 
 from __future__ import annotations
@@ -37,9 +40,12 @@ import argparse
 import itertools
 import json
 import math
+import os
+import signal
 import statistics
 import subprocess
 import sys
+import tempfile
 import time
 import warnings
 
@@ -393,16 +399,29 @@ def main() -> None:
     parser.add_argument("--threads", type=int, default=0, help="torch threads (0: default)")
     parser.add_argument("--warmup", type=int, default=2)
     parser.add_argument("--repeats", type=int, default=5)
+    parser.add_argument("--warm-cache", action="store_true",
+                        help="compile with torch's shared on-disk cache (default: an empty cache "
+                        "per case, so that `compile s` is a cold compile)")  # fmt: skip
     parser.add_argument("--case", help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.case:  # one measurement, in this (fresh) process
         case = argparse.Namespace(**{**vars(args), **json.loads(args.case)})
         print(json.dumps(run_case(case)))
         return
+    # a time limit's SIGTERM (gpu_check.sh) unwinds as an exit: the running case is killed and
+    # its compile cache removed
+    signal.signal(signal.SIGTERM, lambda *_: sys.exit(128 + signal.SIGTERM))
     rows = []
     for case in _cases(args):
-        out = subprocess.run([sys.executable, __file__, "--case", json.dumps(case), *sys.argv[1:]],
-                             capture_output=True, text=True)  # fmt: skip
+        with tempfile.TemporaryDirectory(prefix="dida-compile-cache-") as cache:
+            env = os.environ.copy()
+            if not args.warm_cache:
+                env |= {"TORCHINDUCTOR_CACHE_DIR": cache,
+                        "TRITON_CACHE_DIR": os.path.join(cache, "triton")}  # fmt: skip
+            out = subprocess.run(
+                [sys.executable, __file__, "--case", json.dumps(case), *sys.argv[1:]],
+                capture_output=True, text=True, env=env,
+            )  # fmt: skip
         if out.returncode != 0:
             print(out.stderr, file=sys.stderr)
             raise SystemExit(f"case {case} failed")
