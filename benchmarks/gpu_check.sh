@@ -9,8 +9,8 @@
 # $OUT: env.txt (GPU, versions), eager.txt (the table's 8 eager rows, MiT-B5, 512², batch 2, with
 # --profile) and compiled.txt (its 2 `train.compile=blocks` rows, each compiled with an empty
 # cache), within TOTAL_S seconds (default 390): the eager rows get at most EAGER_S (200), the
-# compiled ones the rest; a row that finished is in the log ("done: ...") even when the limit cut
-# the table short.
+# compiled ones the rest (or COMPILED_S); a row that finished is in the log ("done: ...") even
+# when the limit cut the table short.
 # Try it on a CPU first: DEVICE=cpu VARIANT=mit_b0 CROP=64 bash benchmarks/gpu_check.sh
 set -u -o pipefail
 cd "$(dirname "$0")/.."
@@ -58,5 +58,5 @@ TOTAL_S=${TOTAL_S:-390}
 start=$SECONDS
 table eager "${EAGER_S:-200}" --table-compile false || status=$?
 left=$((TOTAL_S - (SECONDS - start)))
-table compiled "$((left > 1 ? left : 1))" --table-compile blocks || status=$?
+table compiled "${COMPILED_S:-$((left > 1 ? left : 1))}" --table-compile blocks || status=$?
 exit "$status"

@@ -15,10 +15,13 @@ REPO = Path(__file__).resolve().parents[1]
 @pytest.mark.slow
 def test_gpu_check_dry_run_writes_the_environment_and_the_eager_table(tmp_path: Path) -> None:
     """With DEVICE=cpu the script runs the speed table's 8 eager rows (each row logged as it
-    finishes, then the table) and stops its compiled rows at their time limit."""
+    finishes, then the table) and stops its compiled rows when TOTAL_S is spent, leaving no
+    compile cache behind."""
+    tmp = tmp_path / "tmp"
+    tmp.mkdir()
     env = os.environ | {
         "OUT": str(tmp_path), "DEVICE": "cpu", "VARIANT": "mit_tiny", "CROP": "32",
-        "PYTHON": sys.executable, "EAGER_S": "300", "COMPILED_S": "1",
+        "PYTHON": sys.executable, "EAGER_S": "300", "TOTAL_S": "1", "TMPDIR": str(tmp),
     }  # fmt: skip
     done = subprocess.run(["bash", str(REPO / "benchmarks" / "gpu_check.sh")], env=env,
                           capture_output=True, text=True, timeout=400)  # fmt: skip
@@ -28,4 +31,6 @@ def test_gpu_check_dry_run_writes_the_environment_and_the_eager_table(tmp_path: 
     assert eager.count("done: ") == 8
     rows = [line for line in eager.splitlines() if line.startswith("| d")]
     assert len(rows) == 8 and all(line.rstrip().endswith("| 0 |") for line in rows)  # no syncs
+    # the eager rows spent TOTAL_S: the compiled part got its 1 s minimum
     assert "(compiled: stopped at its 1 s limit" in (tmp_path / "compiled.txt").read_text()
+    assert not list(tmp.glob("dida-compile-cache-*"))  # removed on the limit's SIGTERM
