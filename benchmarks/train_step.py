@@ -414,14 +414,13 @@ def main() -> None:
     rows = []
     for case in _cases(args):
         with tempfile.TemporaryDirectory(prefix="dida-compile-cache-") as cache:
-            env = os.environ.copy()
-            if not args.warm_cache:
-                env |= {"TORCHINDUCTOR_CACHE_DIR": cache,
-                        "TRITON_CACHE_DIR": os.path.join(cache, "triton")}  # fmt: skip
+            env = None if args.warm_cache else os.environ | {  # None: this process's
+                "TORCHINDUCTOR_CACHE_DIR": cache, "TRITON_CACHE_DIR": os.path.join(cache, "triton"),
+            }  # fmt: skip
             out = subprocess.run(
                 [sys.executable, __file__, "--case", json.dumps(case), *sys.argv[1:]],
                 capture_output=True, text=True, env=env,
-            )  # fmt: skip
+            )
         if out.returncode != 0:
             print(out.stderr, file=sys.stderr)
             raise SystemExit(f"case {case} failed")
