@@ -21,7 +21,8 @@ Columns:
                 CUDA each is one kernel launch or more, so the CPU count is the launch count a
                 GPU run would have, without a GPU; in brackets those of `optimizer.step()` (a
                 for-loop AdamW, the CPU default, dispatches ~10 per parameter; foreach/fused few;
-                DIDA's instance loss runs in a GPU's chunks here, not a CPU's cache-sized ones)
+                DIDA's instance loss runs in a GPU's chunks here, not a CPU's cache-sized ones,
+                and attention takes SDPA's backward, not the CPU's explicit one of small maps)
   memsets       zero_/fill_ (a memset or a tiny kernel on CUDA), apart from the dispatches
   launches      CUDA only: kernel launches (cudaLaunchKernel and friends) of the step
   syncs         host synchronisations: CUDA `torch.cuda.set_sync_debug_mode` warnings; on the CPU
@@ -196,6 +197,11 @@ def _profile(step, batch: dict, i: int, device) -> dict:  # noqa: ANN001
     import torch
     from torch.profiler import ProfilerActivity, profile
 
+    import dida.models.mit
+
+    # a GPU runs SDPA's own attention backward: count that, not the CPU's explicit one (an older
+    # tree has no such switch and ignores it)
+    dida.models.mit.CPU_ATTENTION_BACKWARD_MAX = 0
     activities = [ProfilerActivity.CPU]
     if device.type == "cuda":
         activities.append(ProfilerActivity.CUDA)

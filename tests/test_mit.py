@@ -147,3 +147,90 @@ def test_b5_shapes_and_param_count() -> None:
         feats = model(torch.randn(1, 3, 128, 128))
     assert [f.shape[1] for f in feats] == [64, 128, 320, 512]
     assert feats[0].shape[2:] == (32, 32) and feats[3].shape[2:] == (4, 4)
+
+
+def _attention_inputs(dtype: torch.dtype, shape: tuple[int, int, int, int], seed: int):  # noqa: ANN202
+    """q, k, v (leaves requiring grad) and an output gradient, from float64 draws; B×h×N×M."""
+    b, h, n, m = shape
+    gen = torch.Generator().manual_seed(seed)
+    draws = [torch.randn(b, h, s, 32, generator=gen, dtype=torch.float64) * 2 for s in (n, m, m)]
+    grad = torch.randn(b, h, n, 32, generator=gen, dtype=torch.float64)
+    return [d.to(dtype).requires_grad_() for d in draws], grad.to(dtype)
+
+
+def _explicit_float64(q, k, v, grad):  # noqa: ANN001, ANN202
+    """Output and q/k/v gradients of softmax(q·kᵀ/√d)·v in float64 (the original's formula)."""
+    q, k, v = (t.detach().double().requires_grad_() for t in (q, k, v))
+    out = torch.matmul((torch.matmul(q, k.transpose(-1, -2)) * q.shape[-1] ** -0.5).softmax(-1), v)
+    out.backward(grad.double())
+    return [out.detach()] + [t.grad for t in (q, k, v)]
+
+
+def _run(fn, q, k, v, grad):  # noqa: ANN001, ANN202
+    for t in (q, k, v):
+        t.grad = None
+    out = fn(q, k, v)
+    out.backward(grad)
+    return out, [out.detach().double()] + [t.grad.double() for t in (q, k, v)]
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])
+@pytest.mark.parametrize(
+    "shape", [(4, 1, 1024, 16), (4, 2, 256, 16), (4, 5, 64, 16), (2, 8, 64, 64)]
+)
+def test_cpu_attention_backward_is_sdpa_forward_with_gradients_closer_to_float64(
+    dtype: torch.dtype, shape: tuple[int, int, int, int]
+) -> None:
+    """The CPU training path: SDPA's forward bit for bit, gradients at least as close to float64
+    as SDPA's own backward (the quickstart's shapes and one with more keys)."""
+    from dida.models.mit import attention
+
+    (q, k, v), grad = _attention_inputs(dtype, shape, seed=sum(shape))
+    ref = _explicit_float64(q, k, v, grad)
+    out, ours = _run(attention, q, k, v, grad)
+    assert "_CPUAttention" in type(out.grad_fn).__name__
+    _, sdpa = _run(torch.nn.functional.scaled_dot_product_attention, q, k, v, grad)
+    assert torch.equal(ours[0], sdpa[0])
+    for name, a, b, r in zip(("q", "k", "v"), ours[1:], sdpa[1:], ref[1:], strict=True):
+        err_ours = ((a - r).abs().max() / r.abs().max()).item()
+        err_sdpa = ((b - r).abs().max() / r.abs().max()).item()
+        assert err_ours <= 1.05 * err_sdpa + 1e-7, (name, err_ours, err_sdpa)
+        assert err_ours < (2e-2 if dtype == torch.bfloat16 else 1e-5), (name, err_ours)
+
+
+def test_cpu_attention_backward_only_where_it_pays(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Autograd-recorded CPU passes with small score matrices take the explicit backward; a pass
+    without a graph (teacher, evaluation), a large score matrix or the switch at 0 take SDPA,
+    and a MiT under bf16 autocast trains through it with SDPA's forward."""
+    import dida.models.mit as mit
+
+    def kind(out: torch.Tensor) -> str:
+        return type(out.grad_fn).__name__ if out.grad_fn is not None else "none"
+
+    (q, k, v), _ = _attention_inputs(torch.float32, (2, 2, 64, 16), seed=0)
+    assert "_CPUAttention" in kind(mit.attention(q, k, v))
+    with torch.no_grad():
+        assert kind(mit.attention(q, k, v)) == "none"
+    assert "_CPUAttention" not in kind(mit.attention(q.detach(), k.detach(), v.detach()))
+    limit = 2 * 2 * 64 * 16
+    monkeypatch.setattr(mit, "CPU_ATTENTION_BACKWARD_MAX", limit - 1)
+    assert "_CPUAttention" not in kind(mit.attention(q, k, v))
+    monkeypatch.setattr(mit, "CPU_ATTENTION_BACKWARD_MAX", limit)
+    assert "_CPUAttention" in kind(mit.attention(q, k, v))
+
+    model = tiny_mit(drop_path_rate=0.0)
+    img = torch.randn(2, 3, 64, 64)
+    outputs = {}
+    for limit in (mit.CPU_ATTENTION_BACKWARD_MAX, 0):
+        monkeypatch.setattr(mit, "CPU_ATTENTION_BACKWARD_MAX", limit)
+        model.zero_grad()
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            feats = model(img)
+        sum(f.float().square().mean() for f in feats).backward()
+        outputs[limit] = ([f.detach() for f in feats], [p.grad.clone() for p in model.parameters()])
+    (feats_new, grads_new), (feats_sdpa, grads_sdpa) = outputs.values()
+    assert all(torch.equal(a, b) for a, b in zip(feats_new, feats_sdpa, strict=True))
+    q_grad = [n for n, _ in model.named_parameters()].index("block1.0.attn.q.weight")
+    assert not torch.equal(grads_new[q_grad], grads_sdpa[q_grad])  # another backward ...
+    for a, b in zip(grads_new, grads_sdpa, strict=True):  # ... of the same gradient
+        torch.testing.assert_close(a, b, rtol=0.1, atol=0.05 * b.abs().max().item() + 1e-8)

@@ -36,6 +36,66 @@ class OverlapPatchEmbed(nn.Module):
         return self.norm(x), h, w
 
 
+# On a CPU, attention whose score matrix (B·heads·N·M entries) is at most this large takes the
+# explicit backward of `_CPUAttention`, beyond it SDPA's (flash) backward is the faster: 0.7–1.0×
+# the time up to 2^18 entries, 1.5–2.8× from 2^19 (MiT, bf16, one thread, measured); 0 switches it
+# off (benchmarks/train_step.py counts a GPU's kernels)
+CPU_ATTENTION_BACKWARD_MAX = 1 << 18
+
+
+class _CPUAttention(torch.autograd.Function):
+    """`scaled_dot_product_attention` forward (the same bits) with an explicit float32 backward.
+
+    PyTorch's CPU flash-attention backward is slow at the MiT's few keys: 1.3–2.0 ms a call at
+    the quickstart's shapes (B = 4, N = 16–1024 queries, M = 16 keys, bf16, forward included),
+    0.3–0.9 ms with this one (5–7 % of a quickstart step). It recomputes the probabilities
+    P = softmax(q·kᵀ/√d) in float32 and takes the five products dv = Pᵀ·g, dP = g·vᵀ,
+    dS = P∘(dP − rowsum(g∘P·v)), dq = dS·k/√d, dk = dSᵀ·q/√d; its gradients are as close to
+    float64 as flash's or closer (tested), rounded to the inputs' dtype once.
+    """
+
+    @staticmethod
+    def forward(ctx, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:  # type: ignore[override]
+        ctx.save_for_backward(q, k, v)
+        return F.scaled_dot_product_attention(q, k, v)
+
+    @staticmethod
+    def backward(ctx, grad: torch.Tensor):  # type: ignore[override]
+        q, k, v = ctx.saved_tensors
+        scale = q.shape[-1] ** -0.5
+        with torch.autocast("cpu", enabled=False):
+            qf, kf, vf, g = q.float(), k.float(), v.float(), grad.float()
+            p = torch.matmul(qf, kf.transpose(-1, -2)).mul_(scale).softmax(-1)  # B×h×N×M
+            grad_v = torch.matmul(p.transpose(-1, -2), g)
+            row = (g * torch.matmul(p, vf)).sum(-1, keepdim=True)  # rowsum(g∘out), B×h×N×1
+            ds = torch.matmul(g, vf.transpose(-1, -2)).sub_(row).mul_(p).mul_(scale)
+            grad_q = torch.matmul(ds, kf)
+            grad_k = torch.matmul(ds.transpose(-1, -2), qf)
+        return grad_q.to(q.dtype), grad_k.to(k.dtype), grad_v.to(v.dtype)
+
+
+def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+    """softmax(q·kᵀ/√d)·v through `scaled_dot_product_attention`; a CPU pass that autograd
+    records with a small enough score matrix (`CPU_ATTENTION_BACKWARD_MAX`) takes the same
+    forward with the faster `_CPUAttention` backward (eager only: compiled graphs keep SDPA's).
+
+    Shapes:
+        q: B×heads×N×hd, k, v: B×heads×M×hd -> B×heads×N×hd
+    """
+    if (
+        q.device.type == "cpu" and torch.is_grad_enabled()
+        and (q.requires_grad or k.requires_grad or v.requires_grad)
+        and q.shape[0] * q.shape[1] * q.shape[2] * k.shape[2] <= CPU_ATTENTION_BACKWARD_MAX
+        and not torch.compiler.is_compiling()
+    ):  # fmt: skip
+        if torch.is_autocast_enabled("cpu"):  # SDPA's autocast: the three in the autocast dtype
+            dtype = torch.get_autocast_dtype("cpu")
+            q, k, v = q.to(dtype), k.to(dtype), v.to(dtype)
+        with torch.autocast("cpu", enabled=False):
+            return _CPUAttention.apply(q, k, v)
+    return F.scaled_dot_product_attention(q, k, v)
+
+
 class Attention(nn.Module):
     """Efficient self-attention with spatial reduction of keys/values (original `Attention`)."""
 
@@ -65,7 +125,7 @@ class Attention(nn.Module):
         # split along its own axis, so that backward stacks the two gradients straight into the
         # kv layout (no extra copy); the same strided views as permute(2, 0, 3, 1, 4).unbind(0)
         k, v = (t.transpose(1, 2) for t in kv.unbind(2))  # each B×heads×M×hd
-        out = F.scaled_dot_product_attention(q, k, v)  # B×heads×N×hd
+        out = attention(q, k, v)  # B×heads×N×hd
         out = out.transpose(1, 2).reshape(b, n, c)  # B×N×C
         return self.proj(out)
 
