@@ -234,3 +234,16 @@ def test_cpu_attention_backward_only_where_it_pays(monkeypatch: pytest.MonkeyPat
     assert not torch.equal(grads_new[q_grad], grads_sdpa[q_grad])  # another backward ...
     for a, b in zip(grads_new, grads_sdpa, strict=True):  # ... of the same gradient
         torch.testing.assert_close(a, b, rtol=0.1, atol=0.05 * b.abs().max().item() + 1e-8)
+
+
+def test_cpu_attention_backward_passes_gradcheck_in_float64() -> None:
+    """In float64 the explicit backward is the exact gradient (finite differences agree)."""
+    from dida.models.mit import attention
+
+    gen = torch.Generator().manual_seed(0)
+    q, k, v = (
+        torch.randn(2, 2, s, 8, generator=gen, dtype=torch.float64, requires_grad=True)
+        for s in (24, 6, 6)
+    )
+    assert "_CPUAttention" in type(attention(q, k, v).grad_fn).__name__
+    assert torch.autograd.gradcheck(attention, (q, k, v))

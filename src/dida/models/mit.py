@@ -37,7 +37,7 @@ class OverlapPatchEmbed(nn.Module):
 
 
 # On a CPU, attention whose score matrix (B·heads·N·M entries) is at most this large takes the
-# explicit backward of `_CPUAttention`, beyond it SDPA's (flash) backward is the faster: 0.7–1.0×
+# explicit backward of `_CPUAttention`, beyond it SDPA's (flash) backward is the faster: 0.2–1.0×
 # the time up to 2^18 entries, 1.5–2.8× from 2^19 (MiT, bf16, one thread, measured); 0 switches it
 # off (benchmarks/train_step.py counts a GPU's kernels)
 CPU_ATTENTION_BACKWARD_MAX = 1 << 18
@@ -49,9 +49,9 @@ class _CPUAttention(torch.autograd.Function):
     PyTorch's CPU flash-attention backward is slow at the MiT's few keys: 1.3–2.0 ms a call at
     the quickstart's shapes (B = 4, N = 16–1024 queries, M = 16 keys, bf16, forward included),
     0.3–0.9 ms with this one (5–7 % of a quickstart step). It recomputes the probabilities
-    P = softmax(q·kᵀ/√d) in float32 and takes the five products dv = Pᵀ·g, dP = g·vᵀ,
-    dS = P∘(dP − rowsum(g∘P·v)), dq = dS·k/√d, dk = dSᵀ·q/√d; its gradients are as close to
-    float64 as flash's or closer (tested), rounded to the inputs' dtype once.
+    P = softmax(q·kᵀ/√d) in float32 (float64 inputs: float64) and takes the five products
+    dv = Pᵀ·g, dP = g·vᵀ, dS = P∘(dP − rowsum(g∘P·v)), dq = dS·k/√d, dk = dSᵀ·q/√d; its gradients
+    are as close to float64 as flash's or closer (tested), rounded to the inputs' dtype once.
     """
 
     @staticmethod
@@ -64,7 +64,8 @@ class _CPUAttention(torch.autograd.Function):
         q, k, v = ctx.saved_tensors
         scale = q.shape[-1] ** -0.5
         with torch.autocast("cpu", enabled=False):
-            qf, kf, vf, g = q.float(), k.float(), v.float(), grad.float()
+            dtype = torch.promote_types(q.dtype, torch.float32)  # float64 stays float64
+            qf, kf, vf, g = (t.to(dtype) for t in (q, k, v, grad))
             p = torch.matmul(qf, kf.transpose(-1, -2)).mul_(scale).softmax(-1)  # B×h×N×M
             grad_v = torch.matmul(p.transpose(-1, -2), g)
             row = (g * torch.matmul(p, vf)).sum(-1, keepdim=True)  # rowsum(g∘out), B×h×N×1
