@@ -16,7 +16,7 @@ import torch.nn.functional as F
 from torch import nn
 from torch.utils.checkpoint import checkpoint
 
-from dida.models.layers import DropPath, is_meta
+from dida.models.layers import DropPath, _cpu_compute_dtype, is_meta
 from dida.models.variants import MIT_VARIANTS
 
 
@@ -89,9 +89,8 @@ def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor
         and q.shape[0] * q.shape[1] * q.shape[2] * k.shape[2] <= CPU_ATTENTION_BACKWARD_MAX
         and not torch.compiler.is_compiling()
     ):  # fmt: skip
-        if torch.is_autocast_enabled("cpu"):  # SDPA's autocast: the three in the autocast dtype
-            dtype = torch.get_autocast_dtype("cpu")
-            q, k, v = q.to(dtype), k.to(dtype), v.to(dtype)
+        dtype = _cpu_compute_dtype(q)  # SDPA's autocast: the three in the autocast dtype
+        q, k, v = q.to(dtype), k.to(dtype), v.to(dtype)
         with torch.autocast("cpu", enabled=False):
             return _CPUAttention.apply(q, k, v)
     return F.scaled_dot_product_attention(q, k, v)
