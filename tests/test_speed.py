@@ -4,6 +4,10 @@ from __future__ import annotations
 
 import copy
 import math
+import os
+import subprocess
+import sys
+import textwrap
 
 import pytest
 import torch
@@ -18,6 +22,7 @@ from dida.engine.speed import (
     StepBackward,
     compiled_graphs,
     prepare_method,
+    reuse_freed_memory,
     window_mean,
 )
 from dida.eval.inference import CPU_HOST_READ
@@ -256,3 +261,44 @@ def test_compiled_blocks_match_eager_and_stop_recompiling() -> None:
     with torch.no_grad():
         for a, b in zip(method.student(img), eager(img), strict=True):
             torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-4)
+
+
+# a step's pattern: a tensor of a few MB allocated, written and freed again and again; prints the
+# minor page faults of the last iterations
+_ALLOCATIONS = textwrap.dedent("""
+    import resource, sys, torch
+    if sys.argv[1] == "reuse":
+        from dida.engine.speed import reuse_freed_memory
+        assert reuse_freed_memory()
+    for i in range(8):
+        if i == 4:
+            start = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
+        x = torch.ones(6 << 20)  # 24 MiB of fp32
+        del x
+    print(resource.getrusage(resource.RUSAGE_SELF).ru_minflt - start)
+""")
+
+
+def _glibc() -> bool:
+    try:
+        return sys.platform.startswith("linux") and os.confstr("CS_GNU_LIBC_VERSION").startswith(
+            "glibc"
+        )
+    except (OSError, ValueError):
+        return False
+
+
+@pytest.mark.skipif(not _glibc(), reason="glibc's malloc settings")
+def test_freed_memory_serves_the_next_step_without_page_faults() -> None:
+    """With glibc's defaults, a tensor allocated again after being freed gets fresh pages, which
+    the kernel faults in (~6,100 faults per iteration here); after `reuse_freed_memory` it
+    reuses the freed ones."""
+    faults = {}
+    for mode in ("default", "reuse"):
+        done = subprocess.run([sys.executable, "-c", _ALLOCATIONS, mode], capture_output=True,
+                              text=True, check=True)  # fmt: skip
+        faults[mode] = int(done.stdout.split()[-1]) / 4  # per iteration
+    pages = 24 << 8  # 4 KiB pages of one iteration's tensor
+    assert faults["default"] > pages / 2, faults  # the defaults: fresh pages every time
+    assert faults["reuse"] < pages / 50, faults
+    assert reuse_freed_memory()  # and again: the settings can be applied twice

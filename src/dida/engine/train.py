@@ -42,6 +42,7 @@ from dida.engine.speed import (
     StepBackward,
     compiled_graphs,
     prepare_method,
+    reuse_freed_memory,
     window_mean,
 )
 from dida.errors import Interrupted, UserError
@@ -181,6 +182,8 @@ def _train(cfg, run_dir, resume, on_finish, locks, stop_at) -> dict:  # noqa: AN
     tcfg = cfg.train
     dist_info = init_distributed(resolve_device(tcfg.device).type)
     device = resolve_device(tcfg.device, dist_info)
+    if device.type == "cpu":
+        reuse_freed_memory()  # the step's tensors keep their pages from one step to the next
     setup_logging(None, dist_info.is_main)
     dtype = resolve_precision(tcfg.precision, device, training=True)
     check_inputs(cfg)  # user mistakes surface before anything is written
