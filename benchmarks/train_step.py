@@ -145,8 +145,11 @@ def _build(case: argparse.Namespace, device):  # noqa: ANN001, ANN202
     method = build.build_method(cfg, None, device)
     if cfg.method.feat_dist.enabled and method.imnet is None:  # no pretrained weights offline
         method.imnet = copy.deepcopy(method.student.encoder).requires_grad_(False).eval()
-    if cfg.method.name == "dida":
+    if cfg.method.name == "dida":  # full, and like a real run's bank of class means of post-ReLU
+        # embeddings: non-negative (Gaussian entries give negative similarities, so a NaN L_in
+        # whose log and masked fills take slow paths on a CPU)
         method.bank.init_random_(torch.Generator().manual_seed(0))
+        method.bank.feats.abs_()
     try:
         from dida.engine.speed import prepare_method
     except ImportError:  # an older tree (the "before" numbers): no speed settings
@@ -300,6 +303,13 @@ def run_case(case: argparse.Namespace) -> dict:
     device = torch.device(case.device)
     if case.threads:
         torch.set_num_threads(case.threads)
+    if device.type == "cpu":  # as the engine does
+        try:
+            from dida.engine.speed import reuse_freed_memory
+        except ImportError:  # an older tree
+            pass
+        else:
+            reuse_freed_memory()
     if case.profile and case.compile != "false" and device.type == "cpu":
         import torch._inductor.config
 
@@ -319,9 +329,13 @@ def run_case(case: argparse.Namespace) -> dict:
     first = case.warmup
     for i in range(first, first + case.repeats):
         t0 = time.perf_counter()
-        step(batch, i)
+        out = step(batch, i)
         sync()
         times.append(time.perf_counter() - t0)
+    losses = getattr(out, "losses", {}) if case.repeats else {}
+    bad = [k for k, v in losses.items() if torch.is_tensor(v) and not torch.isfinite(v).all()]
+    if bad:  # a step with a NaN loss would time other code paths than training does
+        raise SystemExit(f"{case.method}: the timed step's {', '.join(bad)} not finite")
     s_per_it = statistics.median(times)
     peak = peak_mb(device)
     result = {"s_per_it": s_per_it, "peak_mb": peak,
