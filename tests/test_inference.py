@@ -131,28 +131,52 @@ def test_hrda_slide_with_one_window_equals_whole() -> None:
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 @pytest.mark.parametrize("threads", [1, 2])
-def test_resize_gradient_is_interpolates_bit_for_bit(dtype: torch.dtype, threads: int) -> None:
-    """`resize` with a graph on the CPU (its backward in the channels-last layout): the values
-    and input gradients of `F.interpolate`, bit for bit, up and down, odd sizes included."""
+@pytest.mark.parametrize("layout", [torch.contiguous_format, torch.channels_last])
+def test_resize_gradient_is_interpolates_bit_for_bit(
+    dtype: torch.dtype, threads: int, layout: torch.memory_format
+) -> None:
+    """`resize` with a graph on the CPU (its backward in the channels-last layout, bf16 NCHW
+    forward in fp32): the values and input gradients of `F.interpolate`, bit for bit, up and
+    down, odd sizes included; the input gradient in the input's layout."""
     previous = torch.get_num_threads()
     torch.set_num_threads(threads)
     try:
         gen = torch.Generator().manual_seed(threads)
         for shape, size in [((4, 19, 32, 32), (128, 128)), ((2, 7, 23, 5), (114, 71)),
                             ((3, 24, 41, 69), (142, 21)), ((1, 64, 16, 16), (32, 32))]:
-            x = (torch.randn(shape, generator=gen) * 5).to(dtype).requires_grad_()
+            x = (torch.randn(shape, generator=gen) * 5).to(dtype)
+            x = x.contiguous(memory_format=layout).requires_grad_()
             out = resize(x, size)
             ref = F.interpolate(x, size=size, mode="bilinear", align_corners=False)
             assert "BilinearResize" in type(out.grad_fn).__name__
             grad = torch.randn(ref.shape, generator=gen).to(dtype)
             got = torch.autograd.grad(out, x, grad)[0]
             want = torch.autograd.grad(ref, x, grad)[0]
-            assert torch.equal(out, ref) and got.is_contiguous() and torch.equal(got, want)
+            assert torch.equal(out, ref) and torch.equal(got, want)
+            assert got.is_contiguous(memory_format=layout)
     finally:
         torch.set_num_threads(previous)
-    with torch.no_grad():  # no graph: interpolate itself
+    with torch.no_grad():  # no graph: no autograd Function
         assert resize(x, (8, 8)).grad_fn is None
     assert resize(x, x.shape[2:]) is x
+
+
+def test_bf16_resize_without_graph_is_interpolates_bit_for_bit() -> None:
+    """bf16 NCHW maps resized by powers of two in float32 and rounded once, at other ratios by
+    the bf16 kernel: `F.interpolate`'s bf16 bits, on random, large, finely quantised (sums near
+    rounding ties) and near-constant values."""
+    gen = torch.Generator().manual_seed(0)
+    for shape, size in [((4, 19, 32, 32), (128, 128)), ((2, 19, 128, 128), (32, 32)),
+                        ((2, 5, 8, 8), (1024, 64)), ((3, 19, 100, 50), (25, 400)),
+                        ((2, 19, 60, 30), (128, 128)), ((1, 3, 37, 53), (100, 71))]:
+        x = torch.randn(shape, generator=gen)
+        for values in (x, x * 1000, (x * 8).round() / 8 + 1 / 512, 1 + x.abs() * 1e-3):
+            xb = values.bfloat16()
+            with torch.no_grad():
+                got = resize(xb, size)
+            want = F.interpolate(xb, size=size, mode="bilinear", align_corners=False)
+            assert got.dtype == torch.bfloat16 and got.is_contiguous()
+            assert torch.equal(got.view(torch.int16), want.view(torch.int16))
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
