@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import copy
 import math
-import os
 import subprocess
 import sys
 import textwrap
@@ -21,6 +20,7 @@ from dida.engine.speed import (
     LossWindow,
     StepBackward,
     compiled_graphs,
+    glibc,
     prepare_method,
     reuse_freed_memory,
     window_mean,
@@ -279,16 +279,7 @@ _ALLOCATIONS = textwrap.dedent("""
 """)
 
 
-def _glibc() -> bool:
-    try:
-        return sys.platform.startswith("linux") and os.confstr("CS_GNU_LIBC_VERSION").startswith(
-            "glibc"
-        )
-    except (OSError, ValueError):
-        return False
-
-
-@pytest.mark.skipif(not _glibc(), reason="glibc's malloc settings")
+@pytest.mark.skipif(not glibc(), reason="glibc's malloc settings")
 def test_freed_memory_serves_the_next_step_without_page_faults() -> None:
     """With glibc's defaults, a tensor allocated again after being freed gets fresh pages, which
     the kernel faults in (~6,100 faults per iteration here); after `reuse_freed_memory` it

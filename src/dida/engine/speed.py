@@ -49,6 +49,16 @@ MMAP_THRESHOLD = 32 << 20
 TRIM_THRESHOLD = 1 << 30
 
 
+def glibc() -> bool:
+    """Whether this process runs on Linux with glibc's C library (and so its malloc)."""
+    try:
+        return sys.platform.startswith("linux") and os.confstr("CS_GNU_LIBC_VERSION").startswith(
+            "glibc"
+        )
+    except (OSError, ValueError):  # no such name here
+        return False
+
+
 def reuse_freed_memory() -> bool:
     """Linux with glibc: blocks up to 32 MiB come from the heap and freed memory stays there (up
     to 1 GiB free on top of it); returns whether the settings were applied.
@@ -62,13 +72,11 @@ def reuse_freed_memory() -> bool:
     `dida quickstart`'s runs had got there by themselves: the same time, half the system time.
     The process keeps its peak memory until it exits. Allocations only: the same results.
     """
-    if not sys.platform.startswith("linux"):
+    if not glibc():  # musl, macOS, Windows: no such settings
         return False
     try:
-        if not os.confstr("CS_GNU_LIBC_VERSION").startswith("glibc"):
-            return False  # musl and others: no such settings
         mallopt = ctypes.CDLL(None).mallopt
-    except (AttributeError, OSError, ValueError):
+    except (AttributeError, OSError):
         return False
     mallopt.argtypes = [ctypes.c_int, ctypes.c_int]
     return bool(mallopt(_M_MMAP_THRESHOLD, MMAP_THRESHOLD)) and bool(

@@ -18,8 +18,8 @@ from torch import nn
 def _power_of_two_ratio(a: int, b: int) -> bool:
     """Whether a/b or b/a is 1, 2, 4, ... 128."""
     small, large = min(a, b), max(a, b)
-    ratio = large // small
-    return large == ratio * small and ratio <= 128 and ratio & (ratio - 1) == 0
+    ratio = large // max(small, 1)
+    return small > 0 and large == ratio * small and ratio <= 128 and ratio & (ratio - 1) == 0
 
 
 def _interpolate(x: torch.Tensor, size: tuple[int, int]) -> torch.Tensor:
