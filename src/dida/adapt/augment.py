@@ -178,14 +178,12 @@ def _jitter_op(op: int, imgs: torch.Tensor, factor: torch.Tensor) -> torch.Tenso
     return adjust_hue(imgs, factor * 2 * math.pi)
 
 
-def _jitter_by_subsets(
-    imgs: torch.Tensor, ops: torch.Tensor, present: list[int], params: JitterParams
-) -> torch.Tensor:
-    """Each op of `present` on the images whose op it is (`ops`: [B] on the host), gathered
-    and scattered back: per-pixel ops, so the same values as on the whole batch."""
+def _jitter_by_subsets(imgs: torch.Tensor, ops: list[int], params: JitterParams) -> torch.Tensor:
+    """Each op on the images whose op it is (`ops`: image i's op), gathered and scattered back:
+    per-pixel ops, so the same values as on the whole batch."""
     out = torch.empty_like(imgs)
-    for op in present:
-        index = (ops == op).nonzero().flatten().to(imgs.device)
+    for op in sorted(set(ops)):
+        index = torch.tensor([i for i, o in enumerate(ops) if o == op], device=imgs.device)
         factor = getattr(params, _JITTER_FACTORS[op]).index_select(0, index)
         out.index_copy_(0, index, _jitter_op(op, imgs.index_select(0, index), factor))
     return out
@@ -214,13 +212,13 @@ def apply_color_jitter(
     order_dev = None
     out = imgs
     for position in range(params.order.shape[1]):
-        ops = params.order[:, position]  # [B] on the host
-        present = sorted(set(ops.tolist()))
+        ops = params.order[:, position].tolist()  # from the host
+        present = sorted(set(ops))
         if len(present) == 1:
             out = _jitter_op(present[0], out, factors[present[0]])
             continue
         if by_subsets:
-            out = _jitter_by_subsets(out, ops, present, params)
+            out = _jitter_by_subsets(out, ops, params)
             continue
         if order_dev is None:
             order_dev = params.order.to(imgs.device, non_blocking=True)
