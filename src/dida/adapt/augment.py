@@ -178,13 +178,16 @@ def _jitter_op(op: int, imgs: torch.Tensor, factor: torch.Tensor) -> torch.Tenso
     return adjust_hue(imgs, factor * 2 * math.pi)
 
 
-def _jitter_by_subsets(imgs: torch.Tensor, ops: list[int], params: JitterParams) -> torch.Tensor:
-    """Each op on the images whose op it is (`ops`: image i's op), gathered and scattered back:
-    per-pixel ops, so the same values as on the whole batch."""
+def _jitter_by_subsets(
+    imgs: torch.Tensor, ops: list[int], factors: list[torch.Tensor]
+) -> torch.Tensor:
+    """Each op on the images whose op it is (`ops`: image i's op; `factors`: op k's per-image
+    factors), gathered and scattered back: per-pixel ops, so the same values as on the whole
+    batch."""
     out = torch.empty_like(imgs)
     for op in sorted(set(ops)):
         index = torch.tensor([i for i, o in enumerate(ops) if o == op], device=imgs.device)
-        factor = getattr(params, _JITTER_FACTORS[op]).index_select(0, index)
+        factor = factors[op].index_select(0, index)
         out.index_copy_(0, index, _jitter_op(op, imgs.index_select(0, index), factor))
     return out
 
@@ -218,7 +221,7 @@ def apply_color_jitter(
             out = _jitter_op(present[0], out, factors[present[0]])
             continue
         if by_subsets:
-            out = _jitter_by_subsets(out, ops, params)
+            out = _jitter_by_subsets(out, ops, factors)
             continue
         if order_dev is None:
             order_dev = params.order.to(imgs.device, non_blocking=True)
