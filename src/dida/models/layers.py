@@ -102,37 +102,43 @@ def _depthwise_weight_grad_by_taps(grad: torch.Tensor, x: torch.Tensor, dilation
     return out.view(-1, k, k)
 
 
-# from this dilation on, oneDNN runs a bf16 depthwise convolution as a GEMM, 2-5x slower than taps
-_TAPS_DILATION = 8
+# From these dilations on, oneDNN runs a depthwise convolution of NCHW maps as a GEMM, slower
+# than taps: bf16 from 8 (2–5×; its own kernel is the faster up to dilation 6, AVX512-BF16 CPU),
+# fp32 from 2 (3× at the quickstart's dilations 6–18 on an AVX2 CPU). Other dtypes keep oneDNN's.
+_TAPS_DILATION = {torch.bfloat16: 8, torch.float32: 2}
 
 
 def _depthwise_by_taps(x: torch.Tensor, weight: torch.Tensor, dilation: int) -> bool:
-    """Whether `_depthwise_conv_by_taps` is the faster route: bf16, a small map, a large dilation.
+    """Whether `_depthwise_conv_by_taps` is the faster route: bf16 or fp32, a small map, a large
+    enough dilation (`_TAPS_DILATION`).
 
-    On the quickstart's 32×32 ASPP maps: 1.8–2.0 against oneDNN's 3.4–4.1 ms at dilations 12 and
-    18 (oneDNN's own kernel is the faster up to dilation 6; measured up to 64×64)."""
+    On the quickstart's 32×32 ASPP maps (batch 4, 256 channels, one thread): bf16 1.8–2.0
+    against oneDNN's 3.4–4.1 ms at dilations 12 and 18 (AVX512-BF16 CPU); fp32 4.1–4.5 against
+    12–17 ms at dilations 6–18 (AVX2 CPU, no AVX-512)."""
     return (
-        x.dtype == torch.bfloat16 and weight.dtype == torch.bfloat16 and x.dim() == 4
-        and dilation >= _TAPS_DILATION and x.shape[2] * x.shape[3] <= _SMALL_MAP
+        x.dtype == weight.dtype and x.dtype in _TAPS_DILATION and x.dim() == 4
+        and dilation >= _TAPS_DILATION[x.dtype] and x.shape[2] * x.shape[3] <= _SMALL_MAP
     )  # fmt: skip
 
 
 def _depthwise_conv_by_taps(x: torch.Tensor, weight: torch.Tensor, dilation: int) -> torch.Tensor:
-    """"Same"-padded dilated depthwise k×k convolution of bf16 maps, tap by tap.
+    """"Same"-padded dilated depthwise k×k convolution of bf16 or fp32 maps, tap by tap.
 
-    A float32 accumulator, zero at first, receives the exact products w·x of the taps inside the
-    map two taps at a time in the order (1, 0), (3, 2), ... (the pairs of oneDNN's bf16 GEMM dot
-    products, odd tap first), rounding after each addition, then is rounded to bf16 once: the
-    arithmetic of oneDNN's GEMM route, which gives the same bits on CPUs with AVX512-BF16 (tested
-    on random maps).
+    A float32 accumulator, zero at first, receives the products w·x of the taps inside the map
+    with a fused multiply-add each, in oneDNN's order for the dtype, then is rounded to the
+    dtype once: the arithmetic of oneDNN's GEMM route. bf16 pairs the taps, (1, 0), (3, 2), ...
+    (its bf16 dot products, odd tap first), which gives oneDNN's bits on CPUs with AVX512-BF16;
+    fp32 takes the taps in order, oneDNN's bits on an AVX2 CPU (both tested on random maps).
 
     Shapes:
-        x: B×C×H×W, weight: C×1×k×k (bf16) -> B×C×H×W (bf16)
+        x: B×C×H×W, weight: C×1×k×k (both bf16 or both fp32) -> B×C×H×W (x's dtype)
     """
     k = weight.shape[-1]
-    xf, wf = x.float(), weight.float().view(-1, k * k)
+    xf, wf = x.float(), weight.float().view(-1, k * k)  # fp32: the tensors themselves
     out = torch.zeros_like(xf)
-    order = [t ^ 1 if (t ^ 1) < k * k else t for t in range(k * k)]  # 1, 0, 3, 2, ..., (k²-1)
+    order = range(k * k)
+    if x.dtype == torch.bfloat16:
+        order = [t ^ 1 if (t ^ 1) < k * k else t for t in order]  # 1, 0, 3, 2, ..., (k²-1)
     for t, at, shifted in _taps(x.shape[2:], k, dilation, order):
         out[at].addcmul_(xf[shifted], wf[:, t].view(1, -1, 1, 1))
     return out.to(x.dtype)
@@ -247,8 +253,10 @@ def is_dilated_depthwise(conv: nn.Module) -> bool:
 def _conv(conv: nn.Conv2d, x: torch.Tensor) -> torch.Tensor:
     """`conv(x)`, on a CPU through `_PointwiseConv` for a 1×1 conv of a contiguous input in bf16
     (in fp32 oneDNN's convolution is the faster: 157 against 295 ms, measured) and through
-    `_DilatedDepthwiseConv` for a dilated depthwise conv being trained."""
-    if x.device.type != "cpu":
+    `_DilatedDepthwiseConv` for a dilated depthwise conv being trained; without a graph (the
+    teacher) a bf16 or fp32 dilated depthwise conv takes `_dilated_depthwise`'s route. A traced
+    export records `conv(x)` (the taps' windows would be fixed to the traced size)."""
+    if x.device.type != "cpu" or torch.jit.is_tracing() or torch.onnx.is_in_onnx_export():
         return conv(x)
     training = torch.is_grad_enabled() and (x.requires_grad or conv.weight.requires_grad)
     if (
@@ -262,9 +270,10 @@ def _conv(conv: nn.Conv2d, x: torch.Tensor) -> torch.Tensor:
     if is_dilated_depthwise(conv):
         if training:
             return _DilatedDepthwiseConv.apply(x, conv.weight, conv.dilation[0])
-        if _cpu_compute_dtype(x) == torch.bfloat16:  # the teacher: oneDNN's or the taps' route
+        dtype = _cpu_compute_dtype(x)
+        if dtype in _TAPS_DILATION:  # the teacher: oneDNN's or the taps' route
             with torch.autocast("cpu", enabled=False):
-                return _dilated_depthwise(x.bfloat16(), conv.weight.bfloat16(), conv.dilation[0])
+                return _dilated_depthwise(x.to(dtype), conv.weight.to(dtype), conv.dilation[0])
     return conv(x)
 
 
