@@ -248,3 +248,32 @@ def test_source_size_mismatch_is_logged_and_trains(tiny_uda_root: Path, tmp_path
     log = (tmp_path / "run" / "train.log").read_text()
     assert "1 of 6 source image/label pairs differ in size" in log
     assert load_checkpoint(tmp_path / "run" / "latest.pth")["iteration"] == 1
+
+
+def test_precision_auto_follows_the_cpu_and_bf16_without_native_support_warns(
+    monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
+    """`auto` trains in bf16 on a CPU only with native bf16; asking for bf16 on a CPU without it
+    works but says that fp32 is faster there (bf16 convolutions take a slow fallback)."""
+    import dida.engine.train as engine_train
+    from dida.engine.train import resolve_precision
+    from dida.errors import UserError
+
+    cpu = torch.device("cpu")
+    for native in (True, False):
+        monkeypatch.setattr(engine_train, "cpu_has_fast_bf16", lambda native=native: native)
+        caplog.clear()
+        with caplog.at_level("WARNING", logger="dida.train"):
+            assert resolve_precision("auto", cpu, training=True) == (
+                torch.bfloat16 if native else torch.float32
+            )
+            assert resolve_precision("auto", cpu) == torch.float32  # inference: fp32
+            assert resolve_precision("fp32", cpu, training=True) == torch.float32
+            assert not caplog.records
+            assert resolve_precision("bf16", cpu, training=True) == torch.bfloat16
+        warned = [r.getMessage() for r in caplog.records]
+        assert len(warned) == (0 if native else 1)
+        if warned:
+            assert "without native bf16" in warned[0] and "fp32" in warned[0]
+    with pytest.raises(UserError, match="train.precision: 'fp8'"):
+        resolve_precision("fp8", cpu)
