@@ -119,25 +119,38 @@ def test_dilated_depthwise_conv_gradients_equal_the_convolution(
         torch.testing.assert_close(a.double(), b, rtol=2e-2, atol=2e-2)
 
 
+def _taps_match_onednn(
+    dilation: int, dtype: torch.dtype, exact: bool, tolerance: dict
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """`_depthwise_conv_by_taps` on small random maps of `dtype` (the route taken) gives oneDNN's
+    convolution, bit for bit where `exact`, within `tolerance` (`assert_close`'s) always;
+    returns the last map and weight."""
+    from dida.models.layers import _depthwise_by_taps, _depthwise_conv_by_taps
+
+    torch.manual_seed(dilation)
+    for b, c, h, w in [(4, 256, 32, 32), (2, 37, 29, 41), (1, 8, 13, 64)]:
+        x = (torch.randn(b, c, h, w) * 4).to(dtype)
+        weight = torch.randn(c, 1, 3, 3).to(dtype)
+        assert _depthwise_by_taps(x, weight, dilation)
+        got = _depthwise_conv_by_taps(x, weight, dilation)
+        want = F.conv2d(x, weight, padding=dilation, dilation=dilation, groups=c)
+        assert got.dtype == dtype
+        if exact:
+            assert torch.equal(got, want)
+        torch.testing.assert_close(got.float(), want.float(), **tolerance)
+    return x, weight
+
+
 @pytest.mark.parametrize("dilation", [8, 12, 18, 24])
 def test_bf16_depthwise_conv_by_taps_is_onednns_arithmetic(dilation: int) -> None:
     """Large dilations on small bf16 maps (the quickstart's ASPP) run tap by tap: the bits of
     oneDNN's convolution (its GEMM route) on CPUs with AVX512-BF16, within bf16 rounding on
     others; training, its input gradient, and the teacher's forward (no graph) take the route."""
-    from dida.models.layers import _conv, _depthwise_by_taps, _depthwise_conv_by_taps
+    from dida.models.layers import _conv, _depthwise_by_taps
 
     exact = getattr(torch.cpu, "_is_avx512_bf16_supported", lambda: False)()
-    torch.manual_seed(dilation)
-    for b, c, h, w in [(4, 256, 32, 32), (2, 37, 29, 41), (1, 8, 13, 64)]:
-        x = (torch.randn(b, c, h, w) * 4).bfloat16()
-        weight = torch.randn(c, 1, 3, 3).bfloat16()
-        assert _depthwise_by_taps(x, weight, dilation)
-        got = _depthwise_conv_by_taps(x, weight, dilation)
-        want = F.conv2d(x, weight, padding=dilation, dilation=dilation, groups=c)
-        assert got.dtype == torch.bfloat16
-        if exact:
-            assert torch.equal(got, want)
-        torch.testing.assert_close(got.float(), want.float(), rtol=1e-2, atol=1e-2)
+    x, weight = _taps_match_onednn(dilation, torch.bfloat16, exact, dict(rtol=1e-2, atol=1e-2))
+    c = x.shape[1]
     assert not _depthwise_by_taps(x.double(), weight.double(), dilation)  # float64: oneDNN's
     assert not _depthwise_by_taps(x, weight, 6)  # oneDNN's own kernel is the faster there
     assert not _depthwise_by_taps(torch.zeros(1, 8, 65, 64).bfloat16(), weight, dilation)
@@ -166,19 +179,11 @@ def test_fp32_depthwise_conv_by_taps_is_onednns_arithmetic(
     convolution on an AVX2 CPU (measured there: 3x faster), within fp32 rounding of it on
     others; training, its input gradient and the teacher's forward (no graph) take the route."""
     from dida.models import layers
-    from dida.models.layers import _conv, _depthwise_by_taps, _depthwise_conv_by_taps
+    from dida.models.layers import _conv, _depthwise_by_taps
 
     exact = torch.backends.cpu.get_cpu_capability() == "AVX2"
-    torch.manual_seed(dilation)
-    for b, c, h, w in [(4, 256, 32, 32), (2, 37, 29, 41), (1, 8, 13, 64)]:
-        x, weight = torch.randn(b, c, h, w) * 4, torch.randn(c, 1, 3, 3)
-        assert _depthwise_by_taps(x, weight, dilation)
-        got = _depthwise_conv_by_taps(x, weight, dilation)
-        want = F.conv2d(x, weight, padding=dilation, dilation=dilation, groups=c)
-        assert got.dtype == torch.float32
-        if exact:
-            assert torch.equal(got, want)
-        torch.testing.assert_close(got, want)
+    x, weight = _taps_match_onednn(dilation, torch.float32, exact, {})
+    c = x.shape[1]
     assert not _depthwise_by_taps(torch.zeros(1, 8, 65, 64), weight, dilation)  # a large map
 
     calls = []
