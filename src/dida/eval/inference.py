@@ -14,6 +14,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from dida.models.layers import is_traced
+
 
 def _power_of_two_ratio(a: int, b: int) -> bool:
     """Whether a/b or b/a is 1, 2, 4, ... 128."""
@@ -68,8 +70,7 @@ def resize(x: torch.Tensor, size: Sequence[int]) -> torch.Tensor:
     if tuple(x.shape[2:]) == size:
         return x
     if (
-        x.device.type != "cpu" or x.dim() != 4 or torch.compiler.is_compiling()
-        or torch.jit.is_tracing() or torch.onnx.is_in_onnx_export()
+        x.device.type != "cpu" or x.dim() != 4 or torch.compiler.is_compiling() or is_traced()
     ):  # fmt: skip
         return F.interpolate(x, size=size, mode="bilinear", align_corners=False)
     if (

@@ -50,6 +50,12 @@ class DropPath(nn.Module):
         return f"drop_prob={self.drop_prob:.3f}"
 
 
+def is_traced() -> bool:
+    """Whether a TorchScript trace or a (traced) ONNX export is recording: the CPU routes that
+    depend on a tensor's size (windows, chunks) give way to the plain operator then."""
+    return torch.jit.is_tracing() or torch.onnx.is_in_onnx_export()
+
+
 def _cpu_compute_dtype(x: torch.Tensor) -> torch.dtype:
     """The dtype a CPU op on `x` computes in: autocast's when it is on, else `x`'s own."""
     return torch.get_autocast_dtype("cpu") if torch.is_autocast_enabled("cpu") else x.dtype
@@ -256,7 +262,7 @@ def _conv(conv: nn.Conv2d, x: torch.Tensor) -> torch.Tensor:
     `_DilatedDepthwiseConv` for a dilated depthwise conv being trained; without a graph (the
     teacher) a bf16 or fp32 dilated depthwise conv takes `_dilated_depthwise`'s route. A traced
     export records `conv(x)` (the taps' windows would be fixed to the traced size)."""
-    if x.device.type != "cpu" or torch.jit.is_tracing() or torch.onnx.is_in_onnx_export():
+    if x.device.type != "cpu" or is_traced():
         return conv(x)
     training = torch.is_grad_enabled() and (x.requires_grad or conv.weight.requires_grad)
     if (
