@@ -5,6 +5,8 @@
 #
 # Variables (make VAR=value ...):
 #   ARGS          extra arguments: make quickstart ARGS="--seeds 2"; make test ARGS=--runslow
+#   TEST_JOBS     test processes (pytest-xdist; default auto: one per core, at most 4), one
+#                 thread each (tests/conftest.py); TEST_JOBS=0 runs them in one process
 #   PYTHON        the interpreter that creates the environment (default python3)
 #   VENV          the environment's folder (default .venv)
 #   TORCH         the PyTorch requirement (default torch==2.13.0, the version tested; dida
@@ -18,6 +20,7 @@ VENV ?= .venv
 TORCH ?= torch==2.13.0
 TORCH_INDEX ?= https://download.pytorch.org/whl/cpu
 ARGS ?=
+TEST_JOBS ?= auto
 
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.dida-installed
@@ -28,7 +31,7 @@ quickstart: $(STAMP)
 	$(BIN)/dida quickstart $(ARGS)
 
 test: $(STAMP)
-	$(BIN)/python -m pytest $(ARGS)
+	$(BIN)/python -m pytest -n $(TEST_JOBS) --maxprocesses 4 $(ARGS)
 
 lint: $(STAMP)
 	$(BIN)/ruff check src tests benchmarks tools image_demo.py create_buffer.py

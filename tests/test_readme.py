@@ -273,7 +273,7 @@ def test_readme_keeps_the_two_commands() -> None:
     makefile = (REPO / "Makefile").read_text()
     recipes = dict(re.findall(r"^([a-z][\w-]*):.*\n\t(.*)", makefile, flags=re.M))
     assert recipes["quickstart"] == "$(BIN)/dida quickstart $(ARGS)"
-    assert recipes["test"] == "$(BIN)/python -m pytest $(ARGS)"
+    assert recipes["test"] == "$(BIN)/python -m pytest -n $(TEST_JOBS) --maxprocesses 4 $(ARGS)"
     ci = (REPO / ".ci" / "run").read_text()
     assert "make test ARGS=--runslow" in ci and "make lint" in ci
     assert "python -m pytest" in commands and "dida quickstart" in commands  # the manual path
