@@ -184,7 +184,7 @@ def test_fp32_depthwise_conv_by_taps_is_onednns_arithmetic(
     exact = torch.backends.cpu.get_cpu_capability() == "AVX2"
     x, weight = _taps_match_onednn(dilation, torch.float32, exact, {})
     c = x.shape[1]
-    assert not _depthwise_by_taps(torch.zeros(1, 8, 65, 64), weight, dilation)  # a large map
+    assert _depthwise_by_taps(torch.zeros(1, 8, 65, 64), weight, dilation)  # fp32: any size
 
     calls = []
     by_taps = layers._depthwise_conv_by_taps
@@ -205,6 +205,39 @@ def test_fp32_depthwise_conv_by_taps_is_onednns_arithmetic(
     torch.testing.assert_close(teacher, ref)
     for a, b in zip(got, want, strict=True):  # oneDNN's own gradients sum in other orders
         torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-4)
+
+
+def test_fp32_taps_of_large_maps_run_in_channel_blocks(monkeypatch: pytest.MonkeyPatch) -> None:
+    """fp32 maps over `_TAPS_BLOCKED_FROM` bytes run their taps channel block by channel block:
+    the same bits as in one block, forward and weight gradient (and oneDNN's forward on an AVX2
+    CPU); blocks of about 2 MB, and the quickstart's 4 MB maps in one."""
+    from dida.models import layers
+
+    assert len(layers._channel_blocks(torch.empty(2, 1024, 128, 128))) == 64  # 16 channels each
+    assert layers._channel_blocks(torch.empty(4, 256, 32, 32)) == [slice(None)]
+    torch.manual_seed(0)
+    x, g = torch.randn(2, 70, 48, 40), torch.randn(2, 70, 48, 40)
+    weight = torch.randn(70, 1, 3, 3)
+    # small sizes for the test: blocks of 300,000 // (2·48·40·4 bytes) = 19 channels, the last 13
+    monkeypatch.setattr(layers, "_TAPS_BLOCKED_FROM", 1 << 19)
+    monkeypatch.setattr(layers, "_TAPS_BLOCK_BYTES", 300_000)
+    blocks = layers._channel_blocks(x)
+    assert [(b.start, b.stop) for b in blocks] == [(0, 19), (19, 38), (38, 57), (57, 76)]
+    for dilation in (2, 12, 30):
+        out = layers._depthwise_conv_by_taps(x, weight, dilation)
+        grad_w = layers._depthwise_weight_grad_by_taps(g, x, dilation, 3)
+        with monkeypatch.context() as m:
+            m.setattr(layers, "_TAPS_BLOCKED_FROM", 1 << 40)
+            assert layers._channel_blocks(x) == [slice(None)]
+            assert torch.equal(out, layers._depthwise_conv_by_taps(x, weight, dilation))
+            assert torch.equal(grad_w, layers._depthwise_weight_grad_by_taps(g, x, dilation, 3))
+        want = F.conv2d(x, weight, padding=dilation, dilation=dilation, groups=70)
+        if torch.backends.cpu.get_cpu_capability() == "AVX2":
+            assert torch.equal(out, want)
+        torch.testing.assert_close(out, want)
+        want_w = torch.nn.grad.conv2d_weight(x.double(), weight.shape, g.double(), padding=dilation,
+                                             dilation=dilation, groups=70)  # fmt: skip
+        torch.testing.assert_close(grad_w.double(), want_w.view(-1, 3, 3), rtol=1e-5, atol=1e-4)
 
 
 def test_pointwise_conv_equals_the_convolution() -> None:
