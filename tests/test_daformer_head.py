@@ -86,7 +86,7 @@ def test_dilated_depthwise_conv_gradients_equal_the_convolution(
     dilation: int, size: tuple[int, int]
 ) -> None:
     """The CPU path of the ASPP's dilated depthwise convs (input gradient through the flipped
-    kernel; weight gradient by taps on small maps, oneDNN's on maps over 64×64) gives the
+    kernel; weight gradient by taps on small maps, oneDNN's on bf16 maps over 64×64) gives the
     convolution's own values and gradients, also under bf16 autocast (gradients within bf16
     rounding of the float64 ones)."""
     from dida.models.layers import _SMALL_MAP, ConvBNReLU, _conv

@@ -71,8 +71,7 @@ def _save_in_compute_dtype(ctx, x: torch.Tensor, weight: torch.Tensor):  # noqa:
     return xc, wc
 
 
-# bf16 maps of at most this many pixels per image get the dilated depthwise weight gradient by
-# taps (fp32 maps of any size)
+# bf16 (and float64) maps of at most this many pixels per image take the taps' routes (`_taps_fit`)
 _SMALL_MAP = 64 * 64
 # The taps of fp32 accumulators larger than `_TAPS_BLOCKED_FROM` bytes run channel block by
 # channel block of about `_TAPS_BLOCK_BYTES`, which stay in the cache over the 9 passes instead
@@ -82,6 +81,12 @@ _SMALL_MAP = 64 * 64
 # better than 0.5, 1 and 4 MB. The quickstart's 4 MB maps stay one block (blocking them was slower).
 _TAPS_BLOCK_BYTES = 2 << 20
 _TAPS_BLOCKED_FROM = 8 << 20
+
+
+def _taps_fit(x: torch.Tensor) -> bool:
+    """Whether the map `x` (B×C×H×W) is one the taps' routes take, by size: any fp32 map (large
+    ones in channel blocks), other dtypes up to `_SMALL_MAP` pixels per image."""
+    return x.dtype == torch.float32 or x.shape[2] * x.shape[3] <= _SMALL_MAP
 
 
 def _channel_blocks(x: torch.Tensor) -> list[slice]:
@@ -145,8 +150,7 @@ def _depthwise_by_taps(x: torch.Tensor, weight: torch.Tensor, dilation: int) -> 
     12–17 ms at dilations 6–18 (AVX2 CPU, no AVX-512); larger fp32 maps: `_TAPS_BLOCK_BYTES`."""
     return (
         x.dtype == weight.dtype and x.dtype in _TAPS_DILATION and x.dim() == 4
-        and dilation >= _TAPS_DILATION[x.dtype]
-        and (x.dtype == torch.float32 or x.shape[2] * x.shape[3] <= _SMALL_MAP)
+        and dilation >= _TAPS_DILATION[x.dtype] and _taps_fit(x)
     )  # fmt: skip
 
 
@@ -213,7 +217,7 @@ class _DilatedDepthwiseConv(torch.autograd.Function):
             if ctx.needs_input_grad[0]:
                 grad_x = _dilated_depthwise(grad, weight.flip(-1, -2), d).to(ctx.dtypes[0])
             if ctx.needs_input_grad[1]:
-                if x.dtype == torch.float32 or x.shape[2] * x.shape[3] <= _SMALL_MAP:
+                if _taps_fit(x):
                     grad_w = _depthwise_weight_grad_by_taps(grad, x, d, weight.shape[-1])
                 else:  # oneDNN's, the weight gradient alone
                     grad_w = torch.ops.aten.convolution_backward(
