@@ -163,14 +163,23 @@ def test_meta_build_skips_the_random_init() -> None:
 
     code = (
         "import sys\n"
+        "import torch\n"
         "from dida.config import ModelConfig\n"
         "from dida.eval.evaluate import _build_uninitialised\n"
+        "drawn = []\n"
+        "for name in ('trunc_normal_', 'normal_'):\n"  # the original init's random fills
+        "    def fill(tensor, *args, _f=getattr(torch.nn.init, name), **kwargs):\n"
+        "        drawn.append(tensor.shape) if not tensor.is_meta else None\n"
+        "        return _f(tensor, *args, **kwargs)\n"
+        "    setattr(torch.nn.init, name, fill)\n"
         "model = _build_uninitialised(ModelConfig(variant='mit_b0', pretrained=None))\n"
         "assert not any(p.is_meta for p in model.parameters())\n"
-        "print('torch._dynamo' in sys.modules)\n"
+        "print(len(drawn), 'torch._dynamo' in sys.modules)\n"
     )
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
-    assert out.stdout.strip() == "False"
+    # the meta build was taken (no fallback to a normal build: nothing was drawn) and it did not
+    # import torch._dynamo
+    assert out.stdout.strip() == "0 False"
     model_cfg = ModelConfig(variant="mit_b0", num_classes=4, embed_dim=16, pretrained=None)
     torch.manual_seed(0)
     a = segmentor_from_config(model_cfg).state_dict()

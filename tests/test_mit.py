@@ -114,6 +114,73 @@ def test_drop_path_active_in_train_only() -> None:
     assert not torch.allclose(a, first)
 
 
+def test_drop_path_masks_drawn_once_per_forward() -> None:
+    """Training draws every block's two stochastic-depth masks in one operator; each sample's
+    mask is 0 or 1/keep, kept with probability keep = 1 - the block's rate, and a block applies
+    them to its residual branches exactly as its own `DropPath` would."""
+    from torch.utils._python_dispatch import TorchDispatchMode
+
+    model = tiny_mit(drop_path_rate=0.5).train()
+    keep = 1 - torch.tensor([b.drop_path.drop_prob for s in range(1, 5)
+                             for b in getattr(model, f"block{s}")])  # fmt: skip
+    torch.manual_seed(0)
+    masks = model.drop_path_masks(20000, torch.device("cpu"), torch.float32)
+    assert masks.shape == (5, 2, 20000, 1, 1)
+    kept = masks != 0
+    assert torch.equal(masks[0], torch.ones_like(masks[0]))  # the first block's rate is 0
+    assert torch.equal(masks[kept], (1 / keep).view(5, 1, 1, 1, 1).expand_as(masks)[kept])
+    # a Bernoulli(keep) per block, branch and sample: within 5 standard deviations
+    rate = kept.flatten(1).double().mean(1)
+    assert torch.all((rate - keep.double()).abs() <= 5 * (keep * (1 - keep) / 40000).sqrt() + 1e-9)
+    cpu = torch.device("cpu")
+    assert model.eval().drop_path_masks(4, cpu, torch.float32) is None
+    assert tiny_mit(drop_path_rate=0.0).drop_path_masks(4, cpu, torch.float32) is None
+
+    class Draws(TorchDispatchMode):
+        def __init__(self) -> None:
+            super().__init__()
+            self.ops: list[str] = []
+
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):  # noqa: ANN001, ANN206
+            if "bernoulli" in func.__name__:
+                self.ops.append(func.__name__)
+            return func(*args, **(kwargs or {}))
+
+    img = torch.randn(4, 3, 32, 32)
+    model.train()
+    with Draws() as draws:
+        model(img)
+    assert len(draws.ops) == 1  # one draw per forward, not one per branch
+    # under autocast the masks come in the branches' dtype (no casts in the residual sums)
+    dtypes = []
+    draw = model.drop_path_masks
+    model.drop_path_masks = lambda batch, device, dtype: (
+        dtypes.append(dtype) or draw(batch, device, dtype)
+    )
+    with torch.autocast("cpu", dtype=torch.bfloat16), torch.no_grad():
+        model(img)
+    assert dtypes == [torch.bfloat16]
+    # the same masks by hand: x + branch(x)·mask with each block's own modules
+    torch.manual_seed(3)
+    fixed = model.drop_path_masks(4, img.device, img.dtype)
+    model.drop_path_masks = lambda *args: fixed
+    with torch.no_grad():
+        got = model(img)
+        x, want, i = img, [], 0
+        for s in range(1, 5):
+            tokens, h, w = getattr(model, f"patch_embed{s}")(x)
+            for block in getattr(model, f"block{s}"):
+                tokens = tokens + block.attn(block.norm1(tokens), h, w) * fixed[i, 0]
+                tokens = tokens + block.mlp(block.norm2(tokens), h, w) * fixed[i, 1]
+                i += 1
+            tokens = getattr(model, f"norm{s}")(tokens)
+            x = tokens.view(4, h, w, -1).permute(0, 3, 1, 2)
+            want.append(x)
+    assert not torch.equal(fixed, torch.ones_like(fixed))
+    for a, b in zip(got, want, strict=True):
+        assert torch.equal(a, b)
+
+
 def test_rate_zero_train_equals_eval() -> None:
     model = tiny_mit(drop_path_rate=0.0)
     img = torch.randn(2, 3, 32, 32)

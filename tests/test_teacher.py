@@ -127,8 +127,9 @@ def test_batch_mode_teacher_equals_student_train_forward(with_segmentor: bool) -
     buffers = [b.clone() for b in teacher.model.buffers()]
     out = teacher(x)
     student.train()
-    for m in student.modules():  # dropout and drop path off, BatchNorm in train mode
-        if isinstance(m, nn.Dropout | nn.Dropout2d) or type(m).__name__ == "DropPath":
+    # dropout and drop path (it follows the MiT encoder's mode) off, BatchNorm in train mode
+    for m in student.modules():
+        if isinstance(m, nn.Dropout | nn.Dropout2d) or type(m).__name__ in ("DropPath", "MiT"):
             m.eval()
     with torch.no_grad():
         expected = student(x)

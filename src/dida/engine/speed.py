@@ -114,7 +114,7 @@ def compile_regions(method: nn.Module, mode: str | None = None) -> int:
     """`torch.compile` every MiT block and DAFormer head of `method` in place; returns how many.
 
     Compiled modules keep their parameters and state-dict keys. Blocks of different drop-path
-    rates share graphs (`DropPath` reads its rate as data under compile).
+    rates share graphs (their masks come in as data, drawn by `MiT.forward`).
     """
     from dida.models.daformer_head import DAFormerHead
     from dida.models.mit import Block

@@ -10,6 +10,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from dida.models.precision import autocast_dtype
+
 
 def drop_path(x: torch.Tensor, drop_prob: float, training: bool) -> torch.Tensor:
     """Per-sample stochastic depth (timm `drop_path`): zero whole samples, rescale the rest.
@@ -28,22 +30,15 @@ def drop_path(x: torch.Tensor, drop_prob: float, training: bool) -> torch.Tensor
 class DropPath(nn.Module):
     """Stochastic depth on the residual branch; identity in eval mode or at rate 0.
 
-    Under `torch.compile` the keep probability is read from a (non-persistent) buffer, as data:
-    blocks of different rates then share one compiled graph instead of one graph per rate.
+    A MiT block inside `MiT.forward` does not call it in training: the encoder draws all its
+    blocks' masks at once and hands them in (`Block.forward`'s `keep`).
     """
 
     def __init__(self, drop_prob: float = 0.0) -> None:
         super().__init__()
         self.drop_prob = float(drop_prob)
-        self.register_buffer("keep_prob", torch.tensor(1.0 - self.drop_prob), persistent=False)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if torch.compiler.is_compiling():
-            if not self.training:
-                return x
-            mask_shape = (x.shape[0],) + (1,) * (x.ndim - 1)  # B×1×...×1
-            keep = self.keep_prob.to(x.dtype)
-            return x * (torch.bernoulli(keep.expand(mask_shape)) / keep)
         return drop_path(x, self.drop_prob, self.training)
 
     def extra_repr(self) -> str:
@@ -58,7 +53,13 @@ def is_traced() -> bool:
 
 def _cpu_compute_dtype(x: torch.Tensor) -> torch.dtype:
     """The dtype a CPU op on `x` computes in: autocast's when it is on, else `x`'s own."""
-    return torch.get_autocast_dtype("cpu") if torch.is_autocast_enabled("cpu") else x.dtype
+    return autocast_dtype("cpu") or x.dtype
+
+
+def compute_dtype(x: torch.Tensor) -> torch.dtype:
+    """The dtype a linear layer or convolution on `x` outputs: autocast's on `x`'s device when it
+    is on there, else `x`'s own."""
+    return autocast_dtype(x.device.type) or x.dtype
 
 
 def _save_in_compute_dtype(ctx, x: torch.Tensor, weight: torch.Tensor):  # noqa: ANN001, ANN202

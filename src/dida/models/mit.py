@@ -16,7 +16,7 @@ import torch.nn.functional as F
 from torch import nn
 from torch.utils.checkpoint import checkpoint
 
-from dida.models.layers import DropPath, _cpu_compute_dtype, is_meta
+from dida.models.layers import DropPath, _cpu_compute_dtype, compute_dtype, is_meta
 from dida.models.variants import MIT_VARIANTS
 
 
@@ -171,9 +171,23 @@ class Block(nn.Module):
         self.norm2 = nn.LayerNorm(dim, eps=1e-6)
         self.mlp = Mlp(dim, int(dim * mlp_ratio))
 
-    def forward(self, x: torch.Tensor, h: int, w: int) -> torch.Tensor:
-        x = x + self.drop_path(self.attn(self.norm1(x), h, w))
-        return x + self.drop_path(self.mlp(self.norm2(x), h, w))
+    def forward(
+        self, x: torch.Tensor, h: int, w: int, keep: torch.Tensor | None = None
+    ) -> torch.Tensor:
+        """`keep`: the stochastic-depth masks of the two residual branches (attention, Mix-FFN),
+        each sample's 0 or 1/keep probability, drawn by `MiT.forward` for all blocks at once;
+        None: the block's own `DropPath` (identity in eval mode).
+
+        Shapes:
+            x: B×N×C -> B×N×C (N = h·w);  keep: 2×B×1×1
+        """
+        if keep is None:
+            x = x + self.drop_path(self.attn(self.norm1(x), h, w))
+            return x + self.drop_path(self.mlp(self.norm2(x), h, w))
+        # the masks are in the branches' dtype: the product needs no cast under autocast (an
+        # `addcmul` of the float32 residual would cast the branch first on CUDA)
+        x = x + self.attn(self.norm1(x), h, w) * keep[0]
+        return x + self.mlp(self.norm2(x), h, w) * keep[1]
 
 
 class MiT(nn.Module):
@@ -212,6 +226,7 @@ class MiT(nn.Module):
         self.embed_dims = list(embed_dims)
         self.depths = list(depths)
         self.variant = variant
+        self.drop_path_rate = float(drop_path_rate)
         rates = torch.linspace(0, drop_path_rate, sum(depths), device="cpu").tolist()
         start = 0
         for s in range(4):
@@ -244,19 +259,44 @@ class MiT(nn.Module):
         """
         outs = []
         x = img
+        masks = self.drop_path_masks(img.shape[0], img.device, compute_dtype(img))
+        keep = None
+        i = 0
         for s in range(1, 5):
             tokens, h, w = getattr(self, f"patch_embed{s}")(x)
             use_checkpoint = self.grad_checkpointing and torch.is_grad_enabled()
             for block in getattr(self, f"block{s}"):
-                if use_checkpoint:  # RNG (drop path) state is replayed in the recomputation
-                    tokens = checkpoint(block, tokens, h, w, use_reentrant=False)
+                if masks is not None:
+                    keep, i = masks[i], i + 1
+                if use_checkpoint:  # no randomness inside a block: the masks come in
+                    tokens = checkpoint(
+                        block, tokens, h, w, keep, use_reentrant=False, preserve_rng_state=False
+                    )
                 else:
-                    tokens = block(tokens, h, w)
+                    tokens = block(tokens, h, w, keep)
             tokens = getattr(self, f"norm{s}")(tokens)
             # B×N×C -> B×C×h×w as a channels-last view: no copy, convs accept it as is
             x = tokens.view(tokens.shape[0], h, w, -1).permute(0, 3, 1, 2)
             outs.append(x)
         return outs
+
+    def drop_path_masks(
+        self, batch: int, device: torch.device, dtype: torch.dtype
+    ) -> torch.Tensor | None:
+        """The stochastic-depth masks of every block's two residual branches for one forward,
+        drawn at once (four operators per forward, where `DropPath` takes two per branch): each
+        sample's 0, or 1/keep with probability keep = 1 - the block's rate, in float32, then in
+        `dtype` (the branches').
+
+        Shapes:
+            -> blocks×2×B×1×1; None in eval mode or at rate 0
+        """
+        if not self.training or self.drop_path_rate == 0.0:
+            return None
+        n = sum(self.depths)
+        keep = torch.linspace(1.0, 1.0 - self.drop_path_rate, n, device=device)
+        keep = keep.view(n, 1, 1, 1, 1).expand(n, 2, batch, 1, 1)
+        return torch.bernoulli(keep).div_(keep).to(dtype)
 
 
 def _init_weights(m: nn.Module) -> None:

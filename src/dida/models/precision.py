@@ -18,6 +18,25 @@ from torch import nn
 
 # layers whose weights autocast casts (matmul and convolution); norms keep their fp32 weights
 CAST_LAYERS = (nn.Linear, nn.Conv1d, nn.Conv2d, nn.Conv3d)
+# torch < 2.4 has no per-device `torch.is_autocast_enabled(device)` / `get_autocast_dtype`
+_PER_DEVICE_AUTOCAST_API = hasattr(torch, "get_autocast_dtype")
+
+
+def autocast_dtype(device_type: str) -> torch.dtype | None:
+    """The dtype autocast computes in on `device_type` (`cpu`, `cuda`, ...) where it is on there;
+    None where it is off or the device has no autocast (`meta`)."""
+    if _PER_DEVICE_AUTOCAST_API:
+        available = getattr(torch.amp, "is_autocast_available", None)
+        if available is not None and not available(device_type):
+            return None
+        if torch.is_autocast_enabled(device_type):
+            return torch.get_autocast_dtype(device_type)
+        return None
+    if device_type == "cpu" and torch.is_autocast_cpu_enabled():
+        return torch.get_autocast_cpu_dtype()
+    if device_type == "cuda" and torch.is_autocast_enabled():
+        return torch.get_autocast_gpu_dtype()
+    return None
 
 
 class LowPrecisionCopy:
@@ -59,9 +78,7 @@ class LowPrecisionCopy:
 
     def select(self, model: nn.Module, device_type: str) -> nn.Module:
         """The copy when autocast to `dtype` is on for `device_type`, else `model` itself."""
-        if torch.is_autocast_enabled(device_type) and (
-            torch.get_autocast_dtype(device_type) == self.dtype
-        ):
+        if autocast_dtype(device_type) == self.dtype:
             return self.module
         return model
 
@@ -139,8 +156,7 @@ class TrainedWeightCast:
         device = params[0].device.type if params else "cpu"
         if (
             not params
-            or not torch.is_autocast_enabled(device)
-            or (torch.get_autocast_dtype(device) != self.dtype)
+            or autocast_dtype(device) != self.dtype
             or any(p.dtype != torch.float32 for p in params)
         ):
             return forward(*args, **kwargs)
