@@ -10,7 +10,10 @@
 #   PYTHON        the interpreter that creates the environment (default python3)
 #   VENV          the environment's folder (default .venv)
 #   TORCH         the PyTorch requirement (default torch==2.13.0, the version tested; dida
-#                 accepts any torch >= 2.3, e.g. TORCH=torch==2.5.1)
+#                 accepts any torch >= 2.3, e.g. TORCH=torch==2.5.1); it stays pinned while
+#                 dida's requirements install (pip then takes a kornia that supports it)
+#   PINS          more requirements for that install: torch < 2.4 was built for numpy 1, so
+#                 TORCH=torch==2.3.1 needs PINS="numpy<2"
 #   TORCH_INDEX   where PyTorch comes from: the CPU build by default; a CUDA build with e.g.
 #                 TORCH_INDEX=https://download.pytorch.org/whl/cu126, PyPI's default with TORCH_INDEX=
 # The environment is (re)installed when pyproject.toml changes; `make clean-venv` removes it.
@@ -19,6 +22,7 @@ PYTHON ?= python3
 VENV ?= .venv
 TORCH ?= torch==2.13.0
 TORCH_INDEX ?= https://download.pytorch.org/whl/cpu
+PINS ?=
 ARGS ?=
 TEST_JOBS ?= auto
 
@@ -46,7 +50,7 @@ $(STAMP): pyproject.toml
 	$(BIN)/python -c 'import torch' 2>/dev/null || { \
 		$(BIN)/python -m pip install -q --no-deps "$(TORCH)" $(if $(TORCH_INDEX),--index-url $(TORCH_INDEX)) && \
 		$(BIN)/python -m pip install -q "$(TORCH)"; }
-	$(BIN)/python -m pip install -q -e ".[dev]"
+	$(BIN)/python -m pip install -q -e ".[dev]" "$(TORCH)" $(foreach pin,$(PINS),"$(pin)")
 	touch $(STAMP)
 
 clean-venv:

@@ -16,6 +16,7 @@ is the identity.
 
 from __future__ import annotations
 
+import inspect
 import json
 import warnings
 from collections.abc import Sequence
@@ -78,8 +79,11 @@ def export_onnx(
     )
     with warnings.catch_warnings():  # the tracer's shape-comparison and deprecation notes
         warnings.simplefilter("ignore")
+        # the tracer; torch < 2.5 has no `dynamo` switch (and only the tracer)
+        has_switch = "dynamo" in inspect.signature(torch.onnx.export).parameters
+        tracer = {"dynamo": False} if has_switch else {}
         torch.onnx.export(
-            module, (sample,), str(path), dynamo=False, opset_version=opset,
+            module, (sample,), str(path), **tracer, opset_version=opset,
             input_names=[INPUT_NAME], output_names=[output],
             dynamic_axes={INPUT_NAME: {0: "batch", 2: "height", 3: "width"}, output: out_axes},
         )  # fmt: skip

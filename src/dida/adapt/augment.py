@@ -23,7 +23,7 @@ from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
-from kornia.enhance import adjust_brightness, adjust_contrast, adjust_hue, adjust_saturation
+from kornia.enhance import adjust_brightness, adjust_hue, adjust_saturation
 
 from dida.data.transforms import IMG_MEAN, IMG_STD
 
@@ -164,6 +164,17 @@ def sample_jitter_params(
 
 
 _JITTER_FACTORS = ("brightness", "contrast", "saturation", "hue")  # op k's field of JitterParams
+
+
+def adjust_contrast(imgs: torch.Tensor, factor: torch.Tensor) -> torch.Tensor:
+    """kornia's `adjust_contrast`: each image times its factor, clamped to [0, 1] (the same
+    values), without kornia's check that the factors are non-negative (ours are), which reads
+    them back to the host before kornia 0.9, the last release for torch < 2.5.1: a GPU sync.
+
+    Shapes:
+        imgs: B×C×H×W, factor: B -> B×C×H×W
+    """
+    return (imgs * factor.view(-1, 1, 1, 1).to(imgs.dtype)).clamp_(0.0, 1.0)
 
 
 def _jitter_op(op: int, imgs: torch.Tensor, factor: torch.Tensor) -> torch.Tensor:

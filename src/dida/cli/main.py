@@ -88,8 +88,12 @@ def quiet_library_warnings() -> None:
     os.environ.setdefault("OPENCV_LOG_LEVEL", "ERROR")  # read when cv2 is imported
     if "cv2" in sys.modules:  # already imported (e.g. by a caller of main())
         cv2 = sys.modules["cv2"]
-        if os.environ["OPENCV_LOG_LEVEL"] == "ERROR" and hasattr(cv2, "utils"):
-            cv2.utils.logging.setLogLevel(cv2.utils.logging.LOG_LEVEL_ERROR)
+        if os.environ["OPENCV_LOG_LEVEL"] == "ERROR":
+            cv_logging = getattr(getattr(cv2, "utils", None), "logging", None)
+            if cv_logging is not None:
+                cv_logging.setLogLevel(cv_logging.LOG_LEVEL_ERROR)
+            elif hasattr(cv2, "setLogLevel"):  # OpenCV < 4.12 has no cv2.utils.logging
+                cv2.setLogLevel(2)  # LOG_LEVEL_ERROR
     logging.captureWarnings(True)
     logger = logging.getLogger("py.warnings")
     logger.propagate = False
