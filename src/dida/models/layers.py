@@ -51,11 +51,6 @@ def is_traced() -> bool:
     return torch.jit.is_tracing() or torch.onnx.is_in_onnx_export()
 
 
-def _cpu_compute_dtype(x: torch.Tensor) -> torch.dtype:
-    """The dtype a CPU op on `x` computes in: autocast's when it is on, else `x`'s own."""
-    return autocast_dtype("cpu") or x.dtype
-
-
 def compute_dtype(x: torch.Tensor) -> torch.dtype:
     """The dtype a linear layer or convolution on `x` outputs: autocast's on `x`'s device when it
     is on there, else `x`'s own."""
@@ -65,7 +60,7 @@ def compute_dtype(x: torch.Tensor) -> torch.dtype:
 def _save_in_compute_dtype(ctx, x: torch.Tensor, weight: torch.Tensor):  # noqa: ANN001, ANN202
     """`x` and `weight` in the compute dtype, saved for backward, with their own dtypes in
     `ctx.dtypes` (the gradients' dtypes)."""
-    dtype = _cpu_compute_dtype(x)
+    dtype = compute_dtype(x)
     xc, wc = x.to(dtype), weight.to(dtype)
     ctx.save_for_backward(xc, wc)
     ctx.dtypes = (x.dtype, weight.dtype)
@@ -298,7 +293,7 @@ def _conv(conv: nn.Conv2d, x: torch.Tensor) -> torch.Tensor:
         return conv(x)
     training = torch.is_grad_enabled() and (x.requires_grad or conv.weight.requires_grad)
     if (
-        _cpu_compute_dtype(x) == torch.bfloat16 and conv.kernel_size == (1, 1)
+        compute_dtype(x) == torch.bfloat16 and conv.kernel_size == (1, 1)
         and conv.groups == 1 and conv.bias is None and conv.stride == (1, 1)
         and conv.padding == (0, 0) and x.dim() == 4 and x.is_contiguous()
     ):  # fmt: skip
@@ -308,7 +303,7 @@ def _conv(conv: nn.Conv2d, x: torch.Tensor) -> torch.Tensor:
     if is_dilated_depthwise(conv):
         if training:
             return _DilatedDepthwiseConv.apply(x, conv.weight, conv.dilation[0])
-        dtype = _cpu_compute_dtype(x)
+        dtype = compute_dtype(x)
         if dtype in _TAPS_DILATION:  # the teacher: oneDNN's or the taps' route
             with torch.autocast("cpu", enabled=False):
                 return _dilated_depthwise(x.to(dtype), conv.weight.to(dtype), conv.dilation[0])

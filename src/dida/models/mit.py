@@ -9,6 +9,7 @@ with 1.1–1.4 GB less peak memory; outputs equal to float64 precision, differen
 
 from __future__ import annotations
 
+import itertools
 import math
 
 import torch
@@ -16,7 +17,7 @@ import torch.nn.functional as F
 from torch import nn
 from torch.utils.checkpoint import checkpoint
 
-from dida.models.layers import DropPath, _cpu_compute_dtype, compute_dtype, is_meta
+from dida.models.layers import DropPath, compute_dtype, is_meta
 from dida.models.variants import MIT_VARIANTS
 
 
@@ -89,7 +90,7 @@ def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor
         and q.shape[0] * q.shape[1] * q.shape[2] * k.shape[2] <= CPU_ATTENTION_BACKWARD_MAX
         and not torch.compiler.is_compiling()
     ):  # fmt: skip
-        dtype = _cpu_compute_dtype(q)  # SDPA's autocast: the three in the autocast dtype
+        dtype = compute_dtype(q)  # SDPA's autocast: the three in the autocast dtype
         q, k, v = q.to(dtype), k.to(dtype), v.to(dtype)
         with torch.autocast("cpu", enabled=False):
             return _CPUAttention.apply(q, k, v)
@@ -260,14 +261,12 @@ class MiT(nn.Module):
         outs = []
         x = img
         masks = self.drop_path_masks(img.shape[0], img.device, compute_dtype(img))
-        keep = None
-        i = 0
+        keeps = iter(masks) if masks is not None else itertools.repeat(None)  # one per block
         for s in range(1, 5):
             tokens, h, w = getattr(self, f"patch_embed{s}")(x)
             use_checkpoint = self.grad_checkpointing and torch.is_grad_enabled()
             for block in getattr(self, f"block{s}"):
-                if masks is not None:
-                    keep, i = masks[i], i + 1
+                keep = next(keeps)
                 if use_checkpoint:  # no randomness inside a block: the masks come in
                     tokens = checkpoint(
                         block, tokens, h, w, keep, use_reentrant=False, preserve_rng_state=False

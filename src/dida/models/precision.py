@@ -20,16 +20,14 @@ from torch import nn
 CAST_LAYERS = (nn.Linear, nn.Conv1d, nn.Conv2d, nn.Conv3d)
 # torch < 2.4 has no per-device `torch.is_autocast_enabled(device)` / `get_autocast_dtype`
 _PER_DEVICE_AUTOCAST_API = hasattr(torch, "get_autocast_dtype")
+_autocast_available = getattr(torch.amp, "is_autocast_available", lambda device_type: True)
 
 
 def autocast_dtype(device_type: str) -> torch.dtype | None:
     """The dtype autocast computes in on `device_type` (`cpu`, `cuda`, ...) where it is on there;
     None where it is off or the device has no autocast (`meta`)."""
     if _PER_DEVICE_AUTOCAST_API:
-        available = getattr(torch.amp, "is_autocast_available", None)
-        if available is not None and not available(device_type):
-            return None
-        if torch.is_autocast_enabled(device_type):
+        if _autocast_available(device_type) and torch.is_autocast_enabled(device_type):
             return torch.get_autocast_dtype(device_type)
         return None
     if device_type == "cpu" and torch.is_autocast_cpu_enabled():
