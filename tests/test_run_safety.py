@@ -140,6 +140,46 @@ def test_ctrl_c_warning_is_ignored_in_loader_workers(monkeypatch: pytest.MonkeyP
     assert not stop.requested
 
 
+def test_ctrl_c_warning_survives_a_signal_in_the_middle_of_a_write(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """Ctrl-C arriving while the trainer writes a log line to stderr: the handler's message is
+    written too (writing it from the handler itself raised "reentrant call" and lost it)."""
+    import io
+
+    from dida.engine.logging import setup_logging, teardown_logging
+    from dida.engine.train import _StopRequest
+
+    class Terminal(io.RawIOBase):
+        def __init__(self) -> None:
+            self.data, self.signal_arrives = b"", None
+
+        def writable(self) -> bool:
+            return True
+
+        def write(self, b) -> int:  # noqa: ANN001
+            if self.signal_arrives is not None:
+                handler, self.signal_arrives = self.signal_arrives, None
+                handler()  # as Python runs a signal handler: in the thread that is writing
+            self.data += bytes(b)
+            return len(b)
+
+    terminal = Terminal()
+    monkeypatch.setattr(sys, "stderr", io.TextIOWrapper(io.BufferedWriter(terminal),
+                                                        line_buffering=True))  # fmt: skip
+    log = setup_logging(None)
+    try:
+        with _StopRequest() as stop:
+            terminal.signal_arrives = lambda: stop._handle(signal.SIGINT, None)
+            log.info("iter 7/100")
+        sys.stderr.flush()
+    finally:
+        teardown_logging()
+    out = terminal.data.decode()
+    assert stop.requested and "Logging error" not in out and "iter 7/100" in out
+    assert out.count("interrupt: finishing this iteration, then writing a checkpoint") == 1
+
+
 def test_full_disk_during_checkpoint_keeps_the_last_one(
     tiny_uda_root: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
     capsys: pytest.CaptureFixture[str],

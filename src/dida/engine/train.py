@@ -11,6 +11,7 @@ import logging
 import math
 import os
 import signal
+import threading
 import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
@@ -123,6 +124,7 @@ class _StopRequest:
         self.requested = False
         self._previous = None
         self._pid = os.getpid()
+        self._announcer: threading.Thread | None = None
 
     def __enter__(self) -> _StopRequest:
         with contextlib.suppress(ValueError):  # not in the main thread
@@ -135,13 +137,18 @@ class _StopRequest:
         if self.requested:
             raise KeyboardInterrupt
         self.requested = True
-        log.warning(
-            "interrupt: finishing this iteration, then writing a checkpoint (again to abort)"
-        )
+        # The handler runs in the main thread between two bytecodes, perhaps in the middle of
+        # its write to stderr, where a second write raises "reentrant call" and the message is
+        # lost; another thread writes it once the main thread's write is done.
+        message = "interrupt: finishing this iteration, then writing a checkpoint (again to abort)"
+        self._announcer = threading.Thread(target=log.warning, args=(message,), daemon=True)
+        self._announcer.start()
 
     def __exit__(self, *exc) -> None:
         if self._previous is not None:
             signal.signal(signal.SIGINT, self._previous)
+        if self._announcer is not None:  # the message before whatever is logged next
+            self._announcer.join(timeout=5)  # bounded: a second Ctrl-C may unwind at any point
 
 
 def _save(run_dir: Path, state: dict, iteration: int, keep: int, periodic: bool) -> Path:
