@@ -247,11 +247,13 @@ def test_worker_message_is_unwrapped() -> None:
 def test_debug_panel_captions_fit_their_tiles() -> None:
     from dida.viz import make_panel
 
-    tiles = [np.zeros((40, 60, 3), np.uint8), np.zeros((40, 60, 3), np.uint8)]
-    panel = make_panel(tiles, ["a_very_long_caption_name", ""])
-    title_h = panel.shape[0] - 40
-    assert panel[:title_h, :60].any()  # the caption is drawn...
-    assert not panel[:title_h, 60:].any()  # ...and does not run into the next tile
+    # 16 px: too narrow even at the smallest scale (cut); OpenCV 5 draws text sizes in steps
+    for width, caption in [(60, "a_very_long_caption_name"), (16, "long_caption" * 4)]:
+        tiles = [np.zeros((40, width, 3), np.uint8), np.zeros((40, width, 3), np.uint8)]
+        panel = make_panel(tiles, [caption, ""])
+        title_h = panel.shape[0] - 40
+        assert panel[:title_h, :width].any()  # the caption is drawn...
+        assert not panel[:title_h, width:].any()  # ...and does not run into the next tile
 
 
 def test_plain_progress_lines_when_not_a_terminal(

@@ -17,6 +17,7 @@ from dida.data.labels import CLASSES, PALETTE, palette_array
 from dida.errors import DataError
 
 _FONT = cv2.FONT_HERSHEY_SIMPLEX
+_MIN_CAPTION_SCALE = 0.05  # smaller is unreadable: a caption too long at this scale is cut
 
 
 def _palette(palette: Sequence[Sequence[int]] | np.ndarray | None) -> np.ndarray:
@@ -154,10 +155,16 @@ def make_panel(
         panel[y + title_h : y + title_h + height, x : x + width] = tile
         if titles is not None:
             text = str(titles[i])
-            # shrink a caption that would not fit its tile (it was clipped by the next tile)
-            text_w = cv2.getTextSize(text, _FONT, scale, 1)[0][0]
-            fit = min(scale, scale * (width - 8) / max(text_w, 1))
-            cv2.putText(panel, text, (x + 4, y + title_h - 6), _FONT, fit, (255, 255, 255), 1)
+            # shrink a caption that would not fit its tile (it was clipped by the next tile);
+            # measured again after each shrink: OpenCV 5 draws text in steps of size, so a scale
+            # shrunk in proportion may still be drawn too wide
+            fit = scale
+            text_w = cv2.getTextSize(text, _FONT, fit, 1)[0][0]
+            while text_w > width - 8 and fit > _MIN_CAPTION_SCALE:
+                fit = max(_MIN_CAPTION_SCALE, fit * min(0.9, (width - 8) / text_w))
+                text_w = cv2.getTextSize(text, _FONT, fit, 1)[0][0]
+            caption = panel[y : y + title_h, x : x + width]  # a view: cut at the tile's edge
+            cv2.putText(caption, text, (4, title_h - 6), _FONT, fit, (255, 255, 255), 1)
     return panel
 
 
