@@ -223,13 +223,20 @@ def test_later_backward_passes_add_their_gradients_in_one_go(
     for got in _assert_same_steps(method, step, reference, ref_step):
         assert ("masked.loss_seg" in got) == mic
     params = len(list(method.student.parameters()))
-    adds = []
+    counts = []
     for run in (step, ref_step):
         with profile() as prof:
             run(3)
-        adds.append(sum(e.name == "aten::add_" and "torch::autograd::AccumulateGrad" in _callers(e)
-                        for e in prof.events()))  # fmt: skip
-    assert adds[0] == 0 and adds[1] >= params * (2 if mic else 1) > 40
+        events = prof.events()
+        nodes = sum(e.name == "torch::autograd::AccumulateGrad" for e in events)
+        adds = sum(e.name == "aten::add_" and "torch::autograd::AccumulateGrad" in _callers(e)
+                   for e in events)  # fmt: skip
+        counts.append((nodes, adds))
+    (nodes, adds), (ref_nodes, ref_adds) = counts
+    # autograd runs an accumulation node per parameter and pass, which adds to `.grad` from the
+    # second pass on; the engine runs them in the first pass only (they store the gradients)
+    assert 40 < nodes <= params and ref_nodes >= nodes + params * (2 if mic else 1)
+    assert adds == 0 and ref_adds > 40  # torch 2.3's profiler ties only some adds to their node
 
 
 def test_the_host_generator_of_a_gpu_generator_is_checkpointed() -> None:
