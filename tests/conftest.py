@@ -98,9 +98,13 @@ def free_port() -> int:
 
 
 def run_two_ranks(fn: Callable, out: dict, timeout: float = 60.0) -> None:
-    """Run `fn(rank, 2, port, out)` in 2 forked processes; fail (not hang) after `timeout`."""
+    """Run `fn(rank, 2, port, out)` in 2 new processes; fail (not hang) after `timeout`.
+
+    Spawned, not forked: a fork of a test process that runs threads (a progress bar's monitor,
+    the profiler's) copies any lock held at that moment, and the child can wait on it forever
+    (the forked workers of one CI run did not finish in 60 s; they take ~3 s)."""
     ctx = mp.start_processes(
-        fn, args=(2, free_port(), out), nprocs=2, join=False, start_method="fork"
+        fn, args=(2, free_port(), out), nprocs=2, join=False, start_method="spawn"
     )
     deadline = time.monotonic() + timeout
     while not ctx.join(timeout=0.5):

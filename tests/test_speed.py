@@ -283,10 +283,12 @@ def test_compiled_blocks_match_eager_and_stop_recompiling() -> None:
 # a step's pattern: a tensor of a few MB allocated, written and freed again and again; prints the
 # minor page faults of the last iterations
 _ALLOCATIONS = textwrap.dedent("""
-    import resource, sys, torch
+    import ctypes, resource, sys, torch
+    from dida.engine import speed
     if sys.argv[1] == "reuse":
-        from dida.engine.speed import reuse_freed_memory
-        assert reuse_freed_memory()
+        assert speed.reuse_freed_memory()
+    else:  # every 24 MiB tensor mapped afresh, as glibc's defaults may map it (see the test)
+        assert ctypes.CDLL(None).mallopt(speed._M_MMAP_THRESHOLD, 1 << 20)
     for i in range(8):
         if i == 4:
             start = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
@@ -298,15 +300,16 @@ _ALLOCATIONS = textwrap.dedent("""
 
 @pytest.mark.skipif(not glibc(), reason="glibc's malloc settings")
 def test_freed_memory_serves_the_next_step_without_page_faults() -> None:
-    """With glibc's defaults, a tensor allocated again after being freed gets fresh pages, which
-    the kernel faults in (~6,100 faults per iteration here); after `reuse_freed_memory` it
-    reuses the freed ones."""
+    """With glibc's defaults, a tensor allocated again after being freed may get fresh pages,
+    which the kernel faults in (6,144 per iteration here with torch 2.13; 1,536-6,144 with torch
+    2.3.1, by what the process freed before: too unsteady for a control, so the control maps
+    every such tensor); after `reuse_freed_memory` it reuses the freed ones."""
     faults = {}
-    for mode in ("default", "reuse"):
+    for mode in ("mapped", "reuse"):
         done = subprocess.run([sys.executable, "-c", _ALLOCATIONS, mode], capture_output=True,
                               text=True, check=True)  # fmt: skip
         faults[mode] = int(done.stdout.split()[-1]) / 4  # per iteration
     pages = 24 << 8  # 4 KiB pages of one iteration's tensor
-    assert faults["default"] > pages / 2, faults  # the defaults: fresh pages every time
+    assert faults["mapped"] > pages / 2, faults  # fresh pages every time: counted
     assert faults["reuse"] < pages / 50, faults
     assert reuse_freed_memory()  # and again: the settings can be applied twice
