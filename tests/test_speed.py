@@ -27,7 +27,7 @@ from dida.engine.speed import (
 )
 from dida.engine.train import cpu_has_fast_bf16
 from dida.eval.inference import CPU_HOST_READ
-from dida.models import segmentor_from_config
+from dida.models import MiT, segmentor_from_config
 from dida.models.layers import is_dilated_depthwise
 
 # Profiled bf16 steps on a CPU without native bf16: PyTorch's fallback runs the depthwise convs
@@ -253,6 +253,32 @@ def test_the_host_generator_of_a_gpu_generator_is_checkpointed() -> None:
     method.host_generator.manual_seed(0)
     method.load_training_state(state)
     assert torch.equal(torch.rand(4, generator=method.host_generator), expected)
+
+
+def test_compiled_blocks_of_different_drop_rates_share_their_graphs() -> None:
+    """A compiled MiT block's graph depends on its stage's shapes, not on its drop-path rate: in
+    training (masks drawn by the encoder) and in eval mode (the teacher, the ImageNet encoder)
+    alike. Before, an eval block read its rate and compiled a graph of its own: 52 for MiT-B5.
+    Dynamo's `eager` backend makes the same graphs and guards as Inductor, without code."""
+    torch._dynamo.reset()
+    model = MiT(embed_dims=[8, 16, 32, 64], num_heads=[1, 1, 2, 2], depths=[1, 3, 1, 1],
+                sr_ratios=[8, 4, 2, 1], drop_path_rate=0.5)  # fmt: skip
+    blocks = [b for s in range(1, 5) for b in getattr(model, f"block{s}")]
+    assert len({b.drop_path.drop_prob for b in blocks}) == 6  # every block its own rate
+    for block in blocks:
+        block.compile(backend="eager", dynamic=False)
+    img = torch.randn(2, 3, 64, 64)
+    start = compiled_graphs()
+    with torch.no_grad():
+        model.eval()(img)
+    assert compiled_graphs() - start == 4  # one per stage
+    model.train()(img).pop().sum().backward()
+    assert compiled_graphs() - start == 8
+    with torch.no_grad():
+        model.eval()(img)
+    model.train()(img)
+    assert compiled_graphs() - start == 8
+    torch._dynamo.reset()
 
 
 @pytest.mark.slow

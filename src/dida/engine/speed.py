@@ -114,7 +114,8 @@ def compile_regions(method: nn.Module, mode: str | None = None) -> int:
     """`torch.compile` every MiT block and DAFormer head of `method` in place; returns how many.
 
     Compiled modules keep their parameters and state-dict keys. Blocks of different drop-path
-    rates share graphs (their masks come in as data, drawn by `MiT.forward`).
+    rates share graphs: in training their masks come in as data (drawn by `MiT.forward`), in
+    eval mode no rate is read, so MiT-B5's 52 blocks compile 4 graphs per mode, not 52.
     """
     from dida.models.daformer_head import DAFormerHead
     from dida.models.mit import Block

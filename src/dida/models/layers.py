@@ -19,8 +19,8 @@ def drop_path(x: torch.Tensor, drop_prob: float, training: bool) -> torch.Tensor
     Shapes:
         x: B×... -> B×...
     """
-    if drop_prob == 0.0 or not training:
-        return x
+    if not training or drop_prob == 0.0:  # `training` first: a compiled block in eval mode
+        return x  # reads no rate, so blocks of different rates share its graph
     keep_prob = 1.0 - drop_prob
     mask_shape = (x.shape[0],) + (1,) * (x.ndim - 1)  # B×1×...×1
     mask = x.new_empty(mask_shape).bernoulli_(keep_prob)
