@@ -97,12 +97,13 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-def run_two_ranks(fn: Callable, out: dict, timeout: float = 60.0) -> None:
+def run_two_ranks(fn: Callable, out: object, timeout: float = 60.0) -> None:
     """Run `fn(rank, 2, port, out)` in 2 new processes; fail (not hang) after `timeout`.
 
     Spawned, not forked: a fork of a test process that runs threads (a progress bar's monitor,
-    the profiler's) copies any lock held at that moment, and the child can wait on it forever
-    (the forked workers of one CI run did not finish in 60 s; they take ~3 s)."""
+    the profiler's) copies any lock held at that moment. The workers end with
+    `dida.engine.distributed.cleanup()`: torch 2.3's gloo could deadlock in a bare
+    `destroy_process_group` (a rank of two CI runs hung there; they take ~3 s)."""
     ctx = mp.start_processes(
         fn, args=(2, free_port(), out), nprocs=2, join=False, start_method="spawn"
     )

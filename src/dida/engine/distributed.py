@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import time
 from dataclasses import dataclass
 
 import torch
@@ -67,5 +68,16 @@ def broadcast_buffers_(module: torch.nn.Module, src: int = 0) -> None:
 
 
 def cleanup() -> None:
+    """Tear the process group down: a barrier, then (gloo) a pause that lets gloo's worker
+    threads free the last collectives' work before the group is destroyed.
+
+    torch 2.3 can deadlock in a bare `destroy_process_group`: a worker thread frees a finished
+    collective (a barrier frees the works it waited for) whose tensors Python has dropped, which
+    needs the GIL, while the destructor holds the GIL and waits for the worker's lock. A test's
+    rank hung so in 5 of 15 runs; the pause gives the worker the GIL for 0.2 s.
+    """
     if is_active():
+        dist.barrier()
+        if dist.get_backend() == "gloo":
+            time.sleep(0.2)  # sleeping releases the GIL
         dist.destroy_process_group()

@@ -321,8 +321,7 @@ def _train(cfg, run_dir, resume, on_finish, locks, stop_at) -> dict:  # noqa: AN
     writer.close()
     if on_finish is not None:
         on_finish(method)
-    barrier()
-    cleanup()
+    cleanup()  # after a barrier
     if stopped_at is not None and stopped_at < tcfg.max_iters:
         raise TrainingInterrupted(
             f"stopped at iteration {stopped_at}/{tcfg.max_iters}, checkpoint {run_dir}/latest.pth "
