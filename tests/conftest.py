@@ -6,7 +6,8 @@ from __future__ import annotations
 import os
 import socket
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
 import pytest
@@ -97,13 +98,31 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
+@contextmanager
+def gloo_group(rank: int, world: int, port: int) -> Iterator[None]:
+    """A worker's gloo process group on localhost, one thread; torn down with
+    `dida.engine.distributed.cleanup()` (a bare `destroy_process_group` could deadlock on
+    torch 2.3)."""
+    import torch.distributed as dist
+
+    from dida.engine.distributed import cleanup
+
+    torch.set_num_threads(1)
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+    dist.init_process_group("gloo", rank=rank, world_size=world)
+    try:
+        yield
+    finally:
+        cleanup()
+
+
 def run_two_ranks(fn: Callable, out: object, timeout: float = 60.0) -> None:
     """Run `fn(rank, 2, port, out)` in 2 new processes; fail (not hang) after `timeout`.
 
     Spawned, not forked: a fork of a test process that runs threads (a progress bar's monitor,
-    the profiler's) copies any lock held at that moment. The workers end with
-    `dida.engine.distributed.cleanup()`: torch 2.3's gloo could deadlock in a bare
-    `destroy_process_group` (a rank of two CI runs hung there; they take ~3 s)."""
+    the profiler's) copies any lock held at that moment. The workers run in `gloo_group`:
+    torch 2.3's gloo could deadlock in a bare `destroy_process_group` (a rank of two CI runs hung
+    there; they take ~3 s)."""
     ctx = mp.start_processes(
         fn, args=(2, free_port(), out), nprocs=2, join=False, start_method="spawn"
     )

@@ -2,18 +2,14 @@
 
 from __future__ import annotations
 
-import os
-
 import pytest
 import torch
-import torch.distributed as dist
 import torch.multiprocessing as mp
 import torch.nn.functional as F
-from conftest import run_two_ranks
+from conftest import gloo_group, run_two_ranks
 from torch import nn
 from torch.utils.data import Dataset
 
-from dida.engine.distributed import cleanup
 from dida.eval.evaluate import evaluate
 
 NUM_CLASSES = 3
@@ -99,10 +95,7 @@ def test_wrong_prediction_lowers_score() -> None:
 
 
 def _worker(rank: int, world: int, port: int, out: dict) -> None:
-    torch.set_num_threads(1)  # a forked child must not enter the parent's OpenMP pool (hangs)
-    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
-    dist.init_process_group("gloo", rank=rank, world_size=world)
-    try:
+    with gloo_group(rank, world, port):
         seen: list[str] = []
 
         class Half(OracleModel):  # wrong on odd images, so the ranks' shards differ in score
@@ -115,8 +108,6 @@ def _worker(rank: int, world: int, port: int, out: dict) -> None:
             on_prediction=lambda pred, item: seen.append(item["img_path"]),
         )  # fmt: skip
         out[rank] = (seen, res["mIoU"], res["num_pixels"])
-    finally:
-        cleanup()  # a barrier first: torch 2.3's gloo could deadlock
 
 
 def test_ddp_shards_without_duplicates_and_reduces() -> None:

@@ -10,11 +10,10 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from conftest import run_two_ranks
+from conftest import gloo_group, run_two_ranks
 
 from dida.adapt.instance_bank import InstanceBank, boundary_mask, class_vectors
 from dida.engine.bank_io import read_bank_file, save_bank_file
-from dida.engine.distributed import cleanup
 from dida.errors import DataError
 
 SHARED_DATA = Path(__file__).resolve().parents[2] / "shared" / "data"
@@ -277,10 +276,7 @@ def test_import_original_caches(caplog: pytest.LogCaptureFixture) -> None:
 
 
 def _ddp_worker(rank: int, world: int, port: int, out_dir: str) -> None:
-    torch.set_num_threads(1)
-    init = f"tcp://127.0.0.1:{port}"
-    torch.distributed.init_process_group("gloo", init_method=init, rank=rank, world_size=world)
-    try:
+    with gloo_group(rank, world, port):
         for mode in ("class_mean", "boundary"):
             bank = InstanceBank(K, D, C, momentum=0.9, update_mode=mode)
             bank.init_random_(torch.Generator().manual_seed(1))
@@ -295,8 +291,6 @@ def _ddp_worker(rank: int, world: int, port: int, out_dir: str) -> None:
                 {"update": bank.state_dict(), "fill": fill.state_dict(), "ref": ref.state_dict()},
                 os.path.join(out_dir, f"{mode}_{rank}.pt"),
             )
-    finally:
-        cleanup()  # a barrier first: torch 2.3's gloo could deadlock
 
 
 def test_ddp_ranks_end_with_identical_bank() -> None:

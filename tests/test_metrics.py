@@ -4,16 +4,13 @@ from __future__ import annotations
 
 import json
 import math
-import os
 
 import pytest
 import torch
-import torch.distributed as dist
 import torch.multiprocessing as mp
-from conftest import run_two_ranks
+from conftest import gloo_group, run_two_ranks
 
 from dida.data.labels import CLASSES, SYNTHIA_13, SYNTHIA_16
-from dida.engine.distributed import cleanup
 from dida.eval.metrics import (
     SegEvaluator,
     confusion_matrix,
@@ -127,16 +124,11 @@ def test_table_and_json_output() -> None:
 
 
 def _ddp_worker(rank: int, world: int, port: int, out: dict) -> None:
-    torch.set_num_threads(1)  # a forked child must not enter the parent's OpenMP pool (hangs)
-    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
-    dist.init_process_group("gloo", rank=rank, world_size=world)
-    try:
+    with gloo_group(rank, world, port):
         ev = SegEvaluator(4)
         half = slice(0, 1) if rank == 0 else slice(1, 2)
         ev.process(PRED[half], LABEL[half])
         out[rank] = ev.confusion().tolist()
-    finally:
-        cleanup()  # a barrier first: torch 2.3's gloo could deadlock
 
 
 def test_confusion_matrix_is_all_reduced_under_ddp() -> None:

@@ -218,22 +218,13 @@ def test_pseudo_label_small_crops(top: int, bottom: int) -> None:
 
 
 def _q_worker(rank: int, world: int, port: int, out: dict) -> None:
-    import os
+    from conftest import gloo_group
 
-    import torch.distributed as dist
-
-    from dida.engine.distributed import cleanup
-
-    torch.set_num_threads(1)  # a forked child must not enter the parent's OpenMP pool
-    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
-    dist.init_process_group("gloo", rank=rank, world_size=world)
-    try:
+    with gloo_group(rank, world, port):
         probs = torch.full((1, 2, 4, 4), 0.5)
         probs[0, 0, : 1 + 2 * rank] = 1.0  # rank 0: 4 confident pixels, rank 1: 12
         _, weight = pseudo_label_from_probs(probs, 0.968, 0, 0)
         out[rank] = float(weight[0, 0, 0])
-    finally:
-        cleanup()  # a barrier first: torch 2.3's gloo could deadlock
 
 
 def test_pseudo_weight_is_the_global_fraction_under_ddp() -> None:
