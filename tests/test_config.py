@@ -54,6 +54,36 @@ def test_unknown_key_in_a_file_is_a_one_line_cli_error(
     assert len(err.splitlines()) == 1 and "model.dropot" in err and str(bad) in err
 
 
+@pytest.mark.parametrize(
+    ("overrides", "bad_key", "where"),
+    [
+        ([], "train.precision", "(in {file})"),  # the file's value
+        (["train.max_iters=3"], "train.precision", "(in {file})"),  # another key overridden
+        (["train.precision=bf16", "method.mic.ratio=2"], "method.mic.ratio", "(from --set)"),
+        # a cross-field rule names the override that broke it, even through the other key
+        (
+            ["train.precision=bf16", "method.mic.enabled=false", "method.compose.mic_view=add"],
+            "method.compose.mic_view",
+            "(from --set)",
+        ),
+        (
+            ["train.precision=bf16", "method.compose.hrda_scale=hr"],
+            "method.compose.hrda_scale",
+            "(from --set)",
+        ),
+    ],
+)
+def test_a_bad_value_names_where_it_came_from(
+    tmp_path: Path, overrides: list[str], bad_key: str, where: str
+) -> None:
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("train:\n  precision: int8\n")
+    with pytest.raises(ConfigError) as err:
+        load_config(bad, overrides)
+    message = str(err.value)
+    assert message.startswith(f"{bad_key}=") and message.endswith(where.format(file=bad))
+
+
 def test_missing_weights_are_reported_before_any_work(
     tmp_path: Path, capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
 ) -> None:

@@ -378,7 +378,25 @@ def apply_overrides(
         dotlist = OmegaConf.from_dotlist(list(overrides))
     except Exception as err:  # OmegaConf and YAML syntax errors
         raise ConfigError(f"bad override: {str(err).splitlines()[0]}") from None
-    return validate(_merge(cfg, dotlist, "--set"), origin)
+    set_keys = [item.split("=", 1)[0].strip() for item in overrides]
+    return validate(_merge(cfg, dotlist, "--set"), _Origin(origin, set_keys))
+
+
+@dataclass(frozen=True)
+class _Origin:
+    """Where a config value came from, for error messages: the `--set` overrides for their keys
+    (and the keys above or below them), else the config file (`file`, None when there is none)."""
+
+    file: str | None
+    set_keys: list[str] = field(default_factory=list)
+
+    def where(self, *keys: str) -> str:
+        """' (from --set)', ' (in FILE)' or '' for an error about `keys` (any overridden one)."""
+        for key in keys:
+            for k in self.set_keys:
+                if key == k or key.startswith(k + ".") or k.startswith(key + "."):
+                    return " (from --set)"
+        return f" (in {self.file})" if self.file else ""
 
 
 def config_to_dict(cfg: ExperimentConfig) -> dict[str, Any]:
@@ -499,9 +517,11 @@ def _get(cfg: Any, key: str) -> Any:
     return cfg
 
 
-def validate(cfg: ExperimentConfig, origin: str | None = None) -> ExperimentConfig:
-    """Check every value of `cfg` against `RULES`; a `ConfigError` names the key, value, range."""
-    where = f" (in {origin})" if origin else ""
+def validate(cfg: ExperimentConfig, origin: str | _Origin | None = None) -> ExperimentConfig:
+    """Check every value of `cfg` against `RULES`; a `ConfigError` names the key, value, range
+    and where the value came from (`origin`: the config file, or an `_Origin` that also knows
+    the `--set` keys)."""
+    origin = origin if isinstance(origin, _Origin) else _Origin(origin)
     for key, rule in RULES:
         check, expected = rule()
         value = _get(cfg, key)
@@ -510,9 +530,10 @@ def validate(cfg: ExperimentConfig, origin: str | None = None) -> ExperimentConf
         except TypeError:
             ok = False
         if not ok:
-            raise ConfigError(f"{key}={json.dumps(value)}: expected {expected}{where}")
+            _fail(key, value, expected, origin)
     for name, ids in cfg.eval.subsets.items():
         if any(not 0 <= i < cfg.model.num_classes for i in ids):
+            where = origin.where(f"eval.subsets.{name}", "model.num_classes")
             raise ConfigError(
                 f"eval.subsets.{name}={ids}: class ids must lie in [0, model.num_classes="
                 f"{cfg.model.num_classes}){where}"
@@ -523,8 +544,11 @@ def validate(cfg: ExperimentConfig, origin: str | None = None) -> ExperimentConf
 # --- HRDA / MIC / composition: choices and cross-field rules -------------------------------------
 
 
-def _fail(key: str, value: Any, expected: str, where: str) -> None:
-    raise ConfigError(f"{key}={json.dumps(value)}: expected {expected}{where}")
+def _fail(key: str, value: Any, expected: str, origin: _Origin, *related: str) -> None:
+    """A `ConfigError` for `key`'s value, saying where it (or a `related` key's) came from."""
+    raise ConfigError(
+        f"{key}={json.dumps(value)}: expected {expected}{origin.where(key, *related)}"
+    )
 
 
 def parse_attention(spec: str) -> float | None:
@@ -545,38 +569,43 @@ def parse_attention(spec: str) -> float | None:
     raise ValueError(f"attention '{spec}': expected classwise, single or fixed:<a>, a in [0, 1]")
 
 
-def validate_hrda_mic(cfg: ExperimentConfig, origin: str | None = None) -> ExperimentConfig:
+def validate_hrda_mic(
+    cfg: ExperimentConfig, origin: str | _Origin | None = None
+) -> ExperimentConfig:
     """Check the HRDA, MIC and DIDA-composition settings of `cfg`; errors name the key."""
-    where = f" (in {origin})" if origin else ""
+    origin = origin if isinstance(origin, _Origin) else _Origin(origin)
     hrda, mic, comp = cfg.model.hrda, cfg.method.mic, cfg.method.compose
     try:
         parse_attention(hrda.attention)
     except ValueError:
         _fail("model.hrda.attention", hrda.attention, "classwise, single or fixed:<a in [0, 1]>",
-              where)  # fmt: skip
+              origin)  # fmt: skip
     if not 0.0 < hrda.lr_scale <= 1.0:
-        _fail("model.hrda.lr_scale", hrda.lr_scale, "a number in (0, 1]", where)
+        _fail("model.hrda.lr_scale", hrda.lr_scale, "a number in (0, 1]", origin)
     crop = cfg.data.crop_size
     if len(hrda.detail_crop) != 2 or (
         hrda.enabled and not all(0 < d <= c for d, c in zip(hrda.detail_crop, crop, strict=True))
     ):
         _fail("model.hrda.detail_crop", hrda.detail_crop,
-              f"two positive integers <= data.crop_size {crop}", where)  # fmt: skip
+              f"two positive integers <= data.crop_size {crop}",
+              origin, "data.crop_size", "model.hrda.enabled")  # fmt: skip
     if hrda.crop_divisible < 1:
-        _fail("model.hrda.crop_divisible", hrda.crop_divisible, "an integer >= 1", where)
+        _fail("model.hrda.crop_divisible", hrda.crop_divisible, "an integer >= 1", origin)
     weights = (hrda.detail_loss_weight, hrda.context_loss_weight)
     if min(weights) < 0 or sum(weights) > 1:
         _fail("model.hrda.detail_loss_weight", hrda.detail_loss_weight,
-              "weights >= 0 with detail + context <= 1", where)  # fmt: skip
+              "weights >= 0 with detail + context <= 1",
+              origin, "model.hrda.context_loss_weight")  # fmt: skip
     if hrda.fd_scale not in ("lr", "all"):
-        _fail("model.hrda.fd_scale", hrda.fd_scale, "one of lr, all", where)
+        _fail("model.hrda.fd_scale", hrda.fd_scale, "one of lr, all", origin)
     margins = cfg.data.target_pseudo_margins
     if margins is not None:
         if len(margins) != 4 or min(margins) < 0:
             _fail("data.target_pseudo_margins", margins,
-                  "null or four integers >= 0 [top, bottom, left, right]", where)  # fmt: skip
+                  "null or four integers >= 0 [top, bottom, left, right]", origin)  # fmt: skip
         teacher = cfg.method.teacher
         if teacher.ignore_top or teacher.ignore_bottom:
+            where = origin.where("data.target_pseudo_margins", "method.teacher")
             raise ConfigError(
                 f"data.target_pseudo_margins and method.teacher.ignore_top/ignore_bottom "
                 f"({teacher.ignore_top}/{teacher.ignore_bottom}) exclude each other: set the "
@@ -590,17 +619,19 @@ def validate_hrda_mic(cfg: ExperimentConfig, origin: str | None = None) -> Exper
         ("method.compose.mic_view", comp.mic_view, ("none", "add", "only")),
     ):
         if value not in options:
-            _fail(key, value, "one of " + ", ".join(options), where)
+            _fail(key, value, "one of " + ", ".join(options), origin)
     if not 0.0 <= mic.ratio < 1.0:
-        _fail("method.mic.ratio", mic.ratio, "a number in [0, 1)", where)
+        _fail("method.mic.ratio", mic.ratio, "a number in [0, 1)", origin)
     if mic.block_size is not None and mic.block_size < 1:
-        _fail("method.mic.block_size", mic.block_size, "null or an integer >= 1", where)
+        _fail("method.mic.block_size", mic.block_size, "null or an integer >= 1", origin)
     if mic.weight < 0:
-        _fail("method.mic.weight", mic.weight, "a number >= 0", where)
+        _fail("method.mic.weight", mic.weight, "a number >= 0", origin)
     if comp.hrda_scale != "lr" and not hrda.enabled:
-        _fail("method.compose.hrda_scale", comp.hrda_scale, "lr unless model.hrda.enabled", where)
+        _fail("method.compose.hrda_scale", comp.hrda_scale, "lr unless model.hrda.enabled",
+              origin, "model.hrda.enabled")  # fmt: skip
     if comp.mic_view != "none" and not mic.enabled:
-        _fail("method.compose.mic_view", comp.mic_view, "none unless method.mic.enabled", where)
+        _fail("method.compose.mic_view", comp.mic_view, "none unless method.mic.enabled",
+              origin, "method.mic.enabled")  # fmt: skip
     return cfg
 
 
