@@ -8,11 +8,13 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from PIL import Image
 
 from dida.config import DataConfig, DatasetConfig, RCSConfig
 from dida.data import synthetic
 from dida.data.convert import convert_dataset
 from dida.data.datasets import build_dataset
+from dida.data.io import read_label
 from dida.data.labels import CLASSES
 from dida.data.uda import VIRTUAL_LENGTH, UDADataset, build_train_dataset, build_val_dataset
 from dida.errors import DataError
@@ -201,3 +203,44 @@ def test_libpng_messages_become_a_warning_not_console_output(
     with warnings.catch_warnings():
         warnings.simplefilter("error")  # a clean file warns about nothing
         assert read_unchanged(good).shape == (32, 32, 3)
+
+
+@pytest.mark.parametrize("bits", [8, 4])
+def test_palette_label_pngs_give_their_indices(tmp_path: Path, bits: int) -> None:
+    # a colour-coded label, as `dida predict` writes and many datasets ship: OpenCV would decode
+    # its colours, the loader takes its indices (as mmseg's label loading)
+    ids = np.array([[0, 1, 2, 255], [3, 3, 0, 1]], dtype=np.uint8) if bits == 8 else (
+        np.array([[0, 1, 2, 15], [3, 3, 0, 1]], dtype=np.uint8)
+    )  # fmt: skip
+    label = Image.fromarray(ids, mode="P")
+    label.putpalette([v for i in range(256) for v in (255 - i, (7 * i) % 256, 40)])
+    label.save(tmp_path / "l.png", bits=bits)
+    assert np.array_equal(read_label(tmp_path / "l.png"), ids)
+    Image.fromarray(ids, mode="L").save(tmp_path / "gray.png")
+    assert np.array_equal(read_label(tmp_path / "gray.png"), ids)  # 8-bit grayscale as before
+    Image.fromarray(np.stack([ids] * 3, axis=-1), mode="RGB").save(tmp_path / "rgb.png")
+    with pytest.raises(DataError, match=r"rgb.png: expected a single-channel 8-bit"):
+        read_label(tmp_path / "rgb.png")
+
+
+def test_label_values_outside_the_classes_name_their_file(tmp_path: Path) -> None:
+    root = tmp_path / "mine"
+    (root / "images").mkdir(parents=True)
+    (root / "labels").mkdir()
+    for name, values in (("ok", [0, 1, 255]), ("bad", [0, 1, 255, 2, 7, 200])):
+        Image.fromarray(np.zeros((4, 6, 3), np.uint8)).save(root / "images" / f"{name}.png")
+        label = np.full((4, 6), values[-1], np.uint8)
+        label[0, : len(values)] = values
+        Image.fromarray(label).save(root / "labels" / f"{name}.png")
+    cfg = DatasetConfig(kind="folder", root=str(root), img_dir="images", ann_dir="labels",
+                        classes=["a", "b"])  # fmt: skip
+    dataset = build_dataset(cfg)
+    names = [Path(image).stem for image, _ in dataset.files]
+    assert dataset.load(names.index("ok"))[1].tolist()[0][:3] == [0, 1, 255]
+    with pytest.raises(DataError, match=r"labels/bad.png: has label values 2, 7, 200; expected the "
+                       r"indices 0..1 of the dataset's 2 classes, or 255"):  # fmt: skip
+        dataset.load(names.index("bad"))
+    # with three classes, 2 is a class
+    cfg.classes = ["a", "b", "c"]
+    with pytest.raises(DataError, match="label values 7, 200;"):
+        build_dataset(cfg).load(names.index("bad"))

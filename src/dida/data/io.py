@@ -2,7 +2,7 @@
 
 Every read failure raises `DataError` with a one-line message naming the file. OpenCV is used for
 decoding because it was measured faster than PIL on 1914x1052 PNGs (see benchmarks/data_speed.py);
-PIL is used only where it is required (palette indices of GTA labels).
+PIL is used only where it is required (palette indices: GTA labels, palette label PNGs).
 """
 
 from __future__ import annotations
@@ -92,12 +92,32 @@ def read_image(path: str | Path) -> np.ndarray:
     return cv2.cvtColor(bgr, cv2.COLOR_BGR2RGB)
 
 
+_PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
+
+
+def _is_palette_png(path: str | Path) -> bool:
+    """Whether `path` is a PNG of palette indices (IHDR colour type 3), from its first 26 bytes."""
+    try:
+        with open(path, "rb") as file:
+            head = file.read(26)
+    except OSError:
+        return False  # the decoder names the problem
+    return (
+        len(head) == 26 and head[:8] == _PNG_SIGNATURE and head[12:16] == b"IHDR" and head[25] == 3
+    )
+
+
 def read_label(path: str | Path) -> np.ndarray:
     """Read a single-channel uint8 trainId label map (255 = ignore).
+
+    A palette PNG gives its indices, as mmseg's label loading does (OpenCV would give the
+    palette's colours): labels saved with class colours, e.g. `dida predict`'s colour PNGs.
 
     Shapes:
         returns: [H, W] uint8.
     """
+    if _is_palette_png(path):
+        return read_palette_indices(path)
     label = read_unchanged(path, cv2.IMREAD_UNCHANGED)
     if label.ndim != 2 or label.dtype != np.uint8:
         raise DataError(
