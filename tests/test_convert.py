@@ -248,3 +248,65 @@ def test_gta_size_mismatch_is_reported_and_training_resizes(
     image, train_ids = dataset.load(1)
     assert image.shape[:2] == train_ids.shape == (20, 30)
     assert (train_ids[:, :10] == 0).all() and (train_ids[:, 10:] == 13).all()  # nearest
+
+
+def _folder(root: Path, labels: dict[str, np.ndarray], palette: bool = False) -> None:
+    for rel, ids in labels.items():
+        path = root / "labels" / rel
+        path.parent.mkdir(parents=True, exist_ok=True)
+        image = Image.fromarray(ids, mode="P" if palette else "L")
+        if palette:
+            image.putpalette([v for i in range(256) for v in (i, 255 - i, 9)])
+        image.save(path)
+
+
+def test_folder_statistics(tmp_path: Path, monkeypatch, capsys) -> None:
+    """`dida convert folder`: the three statistics files of labels that are class indices
+    already (grayscale or palette), nothing converted, the same for any --nproc, rerun-safe."""
+    monkeypatch.chdir(tmp_path)
+    a = np.array([[0, 0, 1, 255], [2, 2, 2, 1]], np.uint8)
+    b = np.array([[3, 3, 3, 3], [255, 255, 0, 0]], np.uint8)
+    _folder(Path("a/data/mine"), {"x/one.png": a, "two.png": b}, palette=True)
+    _folder(Path("b/data/mine"), {"x/one.png": a, "two.png": b})
+    monkeypatch.chdir(tmp_path / "a")
+    before = _snapshot(Path("data/mine"))
+    assert _run_cli(capsys, "folder", "data/mine", "--gt-dir", "labels", "--num-classes", "4",
+                    "--nproc", "1")[0] == 0  # fmt: skip
+    _assert_untouched(before)  # the labels are left as they are, and no label is written
+    assert sorted(p.name for p in Path("data/mine").rglob("*.png")) == ["one.png", "two.png"]
+    stats = json.loads(Path("data/mine/sample_class_stats.json").read_text())
+    assert stats == [  # sorted by path, ignored pixels not counted
+        {"0": 2, "3": 4, "file": "data/mine/labels/two.png"},
+        {"0": 2, "1": 2, "2": 3, "file": "data/mine/labels/x/one.png"},
+    ]
+    with_class = json.loads(Path("data/mine/samples_with_class.json").read_text())
+    assert with_class["3"] == [["data/mine/labels/two.png", 4]] and set(with_class) == set("0123")
+    monkeypatch.chdir(tmp_path / "b")  # grayscale copies, two processes: the same files
+    assert _run_cli(capsys, "folder", "data/mine", "--gt-dir", "labels", "--num-classes", "4",
+                    "--nproc", "2")[0] == 0  # fmt: skip
+    for name in ("sample_class_stats.json", "sample_class_stats_dict.json",
+                 "samples_with_class.json"):  # fmt: skip
+        assert (tmp_path / "a/data/mine" / name).read_text() == Path("data/mine", name).read_text()
+    before = _snapshot(Path("data/mine"))
+    argv = ("folder", "data/mine", "--gt-dir", "labels", "--num-classes", "4")
+    assert _run_cli(capsys, *argv)[0] == 0  # rerun is safe
+    _assert_untouched(before)
+
+
+def test_folder_statistics_errors(tmp_path: Path, monkeypatch, capsys) -> None:
+    monkeypatch.chdir(tmp_path)
+    ok = np.array([[0, 1], [255, 1]], np.uint8)
+    _folder(Path("mine"), {"a.png": ok, "b.png": np.array([[0, 9], [1, 1]], np.uint8)})
+    code, err = _run_cli(capsys, "folder", "mine", "--num-classes", "2")
+    assert code == 2 and "folder needs --gt-dir and --num-classes" in _error_line(err)
+    code, err = _run_cli(capsys, "gta", "mine", "--num-classes", "2")
+    assert code == 2 and "--num-classes is for folder" in _error_line(err)
+    code, err = _run_cli(capsys, "folder", "mine", "--gt-dir", "labels", "--num-classes", "2")
+    assert code == 2 and "mine/labels/b.png: has label values 9;" in _error_line(err)
+    assert not Path("mine/sample_class_stats.json").exists()  # nothing written on an error
+    _folder(Path("mine"), {"b.png": ok, "sub/a.png": ok})
+    code, err = _run_cli(capsys, "folder", "mine", "--gt-dir", "labels", "--num-classes", "2")
+    assert code == 2 and "names must be unique" in _error_line(err)
+    code, err = _run_cli(capsys, "folder", "mine", "--gt-dir", "labels", "--num-classes", "2",
+                         "--seg-suffix", ".tif")  # fmt: skip
+    assert code == 2 and "no labels (*.tif)" in _error_line(err)

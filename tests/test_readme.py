@@ -31,6 +31,7 @@ import pytest
 
 from dida.cli.main import build_parser
 from dida.config import ExperimentConfig, apply_overrides, load_config
+from dida.errors import DataError
 from dida.experiments import list_experiments
 
 REPO = Path(__file__).resolve().parents[1]
@@ -348,12 +349,15 @@ def _write_folder_dataset(cfg, n: int, with_labels: bool) -> None:  # noqa: ANN0
 def test_custom_dataset_recipe_trains_with_rcs(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    """The README's folder-dataset YAML and its RCS statistics snippet give a working dataset."""
+    """The README's folder-dataset YAML and its RCS statistics command give a working dataset;
+    without the statistics, training names that very command."""
+    from dida.cli.main import main
     from dida.data.uda import build_train_dataset, build_val_dataset
 
     text = (REPO / "README.md").read_text()
     yaml = next(b for b in _blocks(text, "yaml") if "kind: folder" in b)
-    snippet = next(b for b in _blocks(text, "python") if "stats_files" in b)
+    command = next(b for b in _blocks(text, "bash") if "dida convert folder" in b)
+    command = command.split("#")[0].strip()
     monkeypatch.chdir(tmp_path)  # the recipe's paths are relative to the working directory
     Path("my_experiment.yaml").write_text(yaml)
     overrides = ["data.rcs.enabled=true", "data.rcs.min_pixels=100", "data.crop_size=[32,32]",
@@ -362,7 +366,9 @@ def test_custom_dataset_recipe_trains_with_rcs(
     _write_folder_dataset(cfg.data.source, 3, with_labels=True)
     _write_folder_dataset(cfg.data.target, 2, with_labels=False)
     _write_folder_dataset(cfg.data.val, 2, with_labels=True)
-    exec(compile(snippet, "README.md", "exec"), {})
+    with pytest.raises(DataError, match=f"run `{command}` once"):
+        build_train_dataset(cfg.data, seed=0)
+    assert main(shlex.split(command)[1:]) == 0
     assert Path(cfg.data.source.root, "samples_with_class.json").is_file()
     train_set = build_train_dataset(cfg.data, seed=0)
     assert train_set.rcs is not None

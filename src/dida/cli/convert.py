@@ -1,4 +1,5 @@
-"""`dida convert`: GTA / SYNTHIA / Cityscapes labels -> trainId PNGs and RCS statistics files."""
+"""`dida convert`: GTA / SYNTHIA / Cityscapes labels -> trainId PNGs and RCS statistics files;
+your own folder dataset's labels -> RCS statistics files."""
 
 from __future__ import annotations
 
@@ -15,14 +16,30 @@ existing output that differs is an error (nothing is ever overwritten or removed
   dida convert gta data/gta --nproc 8
   dida convert synthia data/synthia --nproc 8
   dida convert cityscapes data/cityscapes --nproc 8
+
+Your own source dataset (`kind: folder`, labels already class indices): `folder` writes only the
+statistics that rare-class sampling reads, after checking every label (8-bit grayscale or palette
+PNG, values 0..N-1 or 255):
+
+  dida convert folder data/mysource --gt-dir labels --num-classes 4
 """
 ORDER = 60
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("dataset", choices=["gta", "synthia", "cityscapes"], help="dataset kind")
+    parser.add_argument(
+        "dataset", choices=["gta", "synthia", "cityscapes", "folder"], help="dataset kind"
+    )
     parser.add_argument("root", help="dataset root folder, e.g. data/gta")
-    parser.add_argument("--gt-dir", default=None, help="label folder relative to ROOT")
+    parser.add_argument(
+        "--gt-dir", default=None, help="label folder relative to ROOT (folder: required)"
+    )
+    parser.add_argument(
+        "--num-classes", type=int, default=None, help="folder: number of classes (required)"
+    )
+    parser.add_argument(
+        "--seg-suffix", default=".png", help="folder: label file ending (default .png)"
+    )
     parser.add_argument("-o", "--out-dir", default=None, help="statistics folder (default ROOT)")
     parser.add_argument(
         "--nproc", type=int, default=None, help="worker processes (default 4; Cityscapes 1)"
@@ -30,12 +47,24 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    from dida.data.convert import convert_dataset
+    from dida.data.convert import convert_dataset, folder_stats
     from dida.engine.logging import track
+    from dida.errors import UserError
 
     def progress(iterable, total):  # a bar on a terminal, else a plain line every 30 s
         return track(iterable, total, f"convert {args.dataset}")
 
+    if args.dataset == "folder":
+        if args.gt_dir is None or args.num_classes is None:
+            raise UserError("folder needs --gt-dir and --num-classes")
+        stats = folder_stats(
+            args.root, args.gt_dir, args.num_classes, args.seg_suffix, args.out_dir,
+            args.nproc or 4, progress,
+        )  # fmt: skip
+        print(f"wrote the class statistics of {len(stats)} labels under {args.root}")
+        return 0
+    if args.num_classes is not None:
+        raise UserError("--num-classes is for folder datasets (the others have 19 classes)")
     result = convert_dataset(
         args.dataset, args.root, args.out_dir, args.gt_dir, args.nproc, progress=progress
     )

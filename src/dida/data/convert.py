@@ -220,14 +220,14 @@ def _split_lists(root: Path) -> dict[str, str]:
     return lists
 
 
-def _run(tasks: list[Task], nproc: int, progress: Progress) -> list:
+def _run(tasks: list, nproc: int, progress: Progress, fn: Callable = convert_one) -> list:
     if nproc <= 1:
-        return [convert_one(t) for t in progress(tasks, len(tasks))]
+        return [fn(t) for t in progress(tasks, len(tasks))]
     import multiprocessing
 
     with multiprocessing.get_context().Pool(nproc) as pool:
         # imap keeps input order, so the outputs do not depend on nproc
-        return list(progress(pool.imap(convert_one, tasks, chunksize=8), len(tasks)))
+        return list(progress(pool.imap(fn, tasks, chunksize=8), len(tasks)))
 
 
 def convert_dataset(
@@ -278,3 +278,59 @@ def convert_dataset(
     for name, text in texts.items():
         _write_text(out / name, text)
     return Conversion(stats, mismatches)
+
+
+def _folder_label_stats(task: tuple[str, int]) -> dict[str, int | str]:
+    path, num_classes = task
+    stats: dict[str, int | str] = dict(class_counts(io.read_label(path, num_classes)))
+    stats["file"] = path
+    return stats
+
+
+def folder_stats(
+    root: str | Path,
+    gt_dir: str,
+    num_classes: int,
+    seg_suffix: str = ".png",
+    out_dir: str | Path | None = None,
+    nproc: int = 4,
+    progress: Progress | None = None,
+) -> list[dict[str, int | str]]:
+    """Rare-class-sampling statistics of a `kind: folder` dataset, whose labels are class
+    indices already (nothing is converted): the three statistics files into `out_dir`.
+
+    Every label under `root/gt_dir` ending in `seg_suffix` (recursively) is read and checked:
+    single-channel 8-bit or palette PNG, values in [0, num_classes) or 255. Sampling matches
+    files by name, so two labels of one name are an error.
+
+    Returns:
+        The per-file stats dicts in sorted file order.
+    """
+    root = Path(root)
+    if not root.is_dir():
+        raise DataError(f"{root}: dataset root not found")
+    label_root = root / gt_dir
+    if not label_root.is_dir():
+        raise DataError(f"{label_root}: label folder not found")
+    if not 1 <= num_classes < IGNORE_INDEX:
+        raise DataError(f"--num-classes {num_classes}: expected 1..{IGNORE_INDEX - 1}")
+    labels = sorted(
+        p for p in label_root.rglob(f"*{seg_suffix}") if p.is_file() and not p.name.startswith(".")
+    )
+    if not labels:
+        raise DataError(f"{label_root}: no labels (*{seg_suffix}) found")
+    seen: dict[str, Path] = {}
+    for label in labels:
+        if label.name in seen:
+            raise DataError(
+                f"{label} and {seen[label.name]}: rare-class sampling matches labels by file "
+                "name, so names must be unique (or set data.rcs.enabled=false)"
+            )
+        seen[label.name] = label
+    out = Path(out_dir) if out_dir is not None else root
+    _check_writable(out)
+    tasks = [(str(p), num_classes) for p in labels]
+    stats = _run(tasks, nproc, progress or (lambda it, total: it), _folder_label_stats)
+    for name, text in stats_files(stats).items():
+        _write_text(out / name, text)
+    return stats

@@ -18,6 +18,7 @@ from pathlib import Path
 import cv2
 import numpy as np
 
+from dida.data.labels import IGNORE_INDEX
 from dida.errors import DataError
 
 _capture: tuple[int, int] | None = None  # (pid, file descriptor of an unlinked temporary file)
@@ -107,8 +108,9 @@ def _is_palette_png(path: str | Path) -> bool:
     )
 
 
-def read_label(path: str | Path) -> np.ndarray:
-    """Read a single-channel uint8 trainId label map (255 = ignore).
+def read_label(path: str | Path, num_classes: int | None = None) -> np.ndarray:
+    """Read a single-channel uint8 trainId label map (255 = ignore); with `num_classes`, check
+    that every value is a class index or 255 (`check_label_values`).
 
     A palette PNG gives its indices, as mmseg's label loading does (OpenCV would give the
     palette's colours): labels saved with class colours, e.g. `dida predict`'s colour PNGs.
@@ -117,14 +119,36 @@ def read_label(path: str | Path) -> np.ndarray:
         returns: [H, W] uint8.
     """
     if _is_palette_png(path):
-        return read_palette_indices(path)
-    label = read_unchanged(path, cv2.IMREAD_UNCHANGED)
-    if label.ndim != 2 or label.dtype != np.uint8:
-        raise DataError(
-            f"{path}: expected a single-channel 8-bit trainId label, got shape {label.shape} "
-            f"dtype {label.dtype}"
-        )
+        label = read_palette_indices(path)
+    else:
+        label = read_unchanged(path, cv2.IMREAD_UNCHANGED)
+        if label.ndim != 2 or label.dtype != np.uint8:
+            raise DataError(
+                f"{path}: expected a single-channel 8-bit trainId label, got shape {label.shape} "
+                f"dtype {label.dtype}"
+            )
+    if num_classes is not None:
+        check_label_values(label, num_classes, path)
     return label
+
+
+def check_label_values(label: np.ndarray, num_classes: int, path: str | Path) -> None:
+    """Raise a `DataError` naming `path` when a label value is neither a class index below
+    `num_classes` nor the ignore index 255 (the loss and the metrics would fail on it later, far
+    from the file).
+
+    Shapes: label: [H, W] uint8
+    """
+    if label.size == 0 or num_classes >= IGNORE_INDEX:
+        return
+    # OpenCV's range test: 0.14 ms on a GTA-sized label, against 2.5 for np.bincount
+    if cv2.countNonZero(cv2.inRange(label, num_classes, IGNORE_INDEX - 1)):
+        bad = np.unique(label[(label >= num_classes) & (label != IGNORE_INDEX)])
+        shown = ", ".join(str(v) for v in bad[:8]) + (", ..." if bad.size > 8 else "")
+        raise DataError(
+            f"{path}: has label values {shown}; expected the indices 0..{num_classes - 1} of "
+            f"the dataset's {num_classes} classes, or {IGNORE_INDEX} (ignore)"
+        )
 
 
 def read_palette_indices(path: str | Path) -> np.ndarray:

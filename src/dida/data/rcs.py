@@ -95,15 +95,21 @@ class RareClassSampler:
         return c, int(candidates[rng.integers(len(candidates))])
 
 
-def load_stats(stats_dir: str | Path) -> tuple[list[dict], dict[str, list]]:
-    """Read `sample_class_stats.json` and `samples_with_class.json` from a converted root."""
+def load_stats(
+    stats_dir: str | Path, convert_command: str = "dida convert"
+) -> tuple[list[dict], dict[str, list]]:
+    """Read `sample_class_stats.json` and `samples_with_class.json` from a converted root; a
+    missing file's error names `convert_command`, which writes them."""
     loaded = []
     for name in ("sample_class_stats.json", "samples_with_class.json"):
         path = Path(stats_dir) / name
         try:
             loaded.append(json.loads(path.read_text()))
         except FileNotFoundError:
-            raise DataError(f"{path}: not found (run `dida convert` for RCS)") from None
+            raise DataError(
+                f"{path}: not found; rare-class sampling needs it: run `{convert_command}` once, "
+                "or set data.rcs.enabled=false"
+            ) from None
         except (OSError, ValueError) as err:
             raise DataError(f"{path}: cannot read JSON ({err})") from None
     return loaded[0], loaded[1]

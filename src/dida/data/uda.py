@@ -6,12 +6,15 @@ from `np.random.default_rng([seed, i])`, so resuming and DDP sharding only need 
 
 from __future__ import annotations
 
+import shlex
+
 import numpy as np
 import torch
 from torch.utils.data import Dataset, get_worker_info
 
 from dida.config import DataConfig, DatasetConfig
-from dida.data.datasets import SegDataset, ValDataset, build_dataset
+from dida.data.datasets import SegDataset, ValDataset, build_dataset, resolve_layout
+from dida.data.labels import CLASSES
 from dida.data.rcs import RareClassSampler, load_stats
 from dida.data.transforms import crop_flip, finish, resize_pair, train_crop
 from dida.errors import DataError
@@ -134,13 +137,29 @@ def margin_mask(size: tuple[int, int], margins: tuple[int, int, int, int]) -> np
     return mask
 
 
+def convert_command(cfg: DatasetConfig) -> str:
+    """The `dida convert` command that writes the rare-class statistics of dataset `cfg`."""
+    root = shlex.quote(str(cfg.root))
+    if cfg.kind != "folder":
+        return f"dida convert {cfg.kind} {root}"
+    layout = resolve_layout(cfg)
+    num_classes = len(cfg.classes) if cfg.classes else len(CLASSES)
+    suffix = (
+        "" if layout.seg_suffix == ".png" else f" --seg-suffix {shlex.quote(layout.seg_suffix)}"
+    )
+    return (
+        f"dida convert folder {root} --gt-dir {shlex.quote(layout.ann_dir)} "
+        f"--num-classes {num_classes}{suffix}"
+    )
+
+
 def build_train_dataset(cfg: DataConfig, seed: int) -> UDADataset:
     """Source (labels) + target (images only) datasets, RCS from the source root's stats files."""
     source = build_dataset(cfg.source)
     target = build_dataset(cfg.target, with_labels=False)
     rcs = None
     if cfg.rcs.enabled:
-        stats, with_class = load_stats(cfg.source.root)
+        stats, with_class = load_stats(cfg.source.root, convert_command(cfg.source))
         rcs = RareClassSampler(
             stats,
             with_class,
