@@ -174,6 +174,9 @@ def test_predict_errors(run_dir: Path, tmp_path: Path, capsys: pytest.CaptureFix
         ([str(run_dir), str(tmp_path / "*.tif")], "no images or videos"),
         ([str(run_dir)], "no INPUT given"),
         (["--onnx", str(tmp_path / "bad.png"), str(tmp_path / "bad.png")], "not a loadable ONNX"),
+        # an exported model where a checkpoint or input goes (the file need not exist)
+        ([str(run_dir), "m.onnx", str(tmp_path / "bad.png")], "m.onnx: an ONNX model goes after"),
+        (["m.onnx", str(tmp_path / "bad.png")], "--onnx m.onnx INPUT"),
     ]
     for paths, needle in cases:
         assert main(["predict", *paths, "-o", out, "--no-progress", "--workers", "0"]) == 2, paths

@@ -74,6 +74,12 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 def split_paths(paths: list[str], onnx: bool) -> tuple[str | None, str | None, list[str]]:
     """(config or run dir, checkpoint, inputs) from the positionals."""
+    for path in paths:
+        if Path(path).suffix.lower() == ".onnx":  # an exported model among the positionals
+            raise UserError(
+                f"{path}: an ONNX model goes after --onnx (dida predict --onnx {path} INPUT ... "
+                "-o OUT), not among the run directory, checkpoint and inputs"
+            )
     if onnx:
         return None, None, paths
     target, rest = paths[0], paths[1:]
