@@ -59,6 +59,11 @@ def test_errors_are_one_line(tmp_path: Path, capsys: pytest.CaptureFixture[str])
     assert main(["bank", "show", str(tmp_path / "big")]) == 2
     assert "labels must lie in [0, 19)" in capsys.readouterr().err
     assert not (tmp_path / "x.pt").exists()
+    # the folder above bank folders (the original's embedding_cache/) names them
+    assert main(["bank", "show", str(tmp_path)]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1
+    assert "no f_buffer_s.npz here; bank folders below it: bad, big, ok" in err
 
 
 @pytest.mark.skipif(not CACHE.is_dir(), reason="shared embedding_cache not available")

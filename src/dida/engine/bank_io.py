@@ -49,6 +49,12 @@ def _read_pair(path: Path) -> tuple[torch.Tensor, torch.Tensor]:
     """The original `embedding_cache` layout: f_buffer_s.npz and l_buffer_s.npz side by side."""
     if path.is_dir():
         f_path, l_path = path / "f_buffer_s.npz", path / "l_buffer_s.npz"
+        if not f_path.is_file():  # a folder of bank folders, as the original embedding_cache/
+            below = sorted(p.parent.name for p in path.glob("*/f_buffer_s.npz"))
+            if below:
+                raise DataError(
+                    f"{path}: no f_buffer_s.npz here; bank folders below it: {', '.join(below)}"
+                )
     elif path.name.startswith("f_buffer"):
         f_path, l_path = path, path.with_name(path.name.replace("f_buffer", "l_buffer", 1))
     elif path.name.startswith("l_buffer"):
