@@ -47,27 +47,25 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    from dida.data.convert import convert_dataset, folder_stats
+    from dida.data.convert import convert_dataset
     from dida.engine.logging import track
     from dida.errors import UserError
 
     def progress(iterable, total):  # a bar on a terminal, else a plain line every 30 s
         return track(iterable, total, f"convert {args.dataset}")
 
-    if args.dataset == "folder":
-        if args.gt_dir is None or args.num_classes is None:
-            raise UserError("folder needs --gt-dir and --num-classes")
-        stats = folder_stats(
-            args.root, args.gt_dir, args.num_classes, args.seg_suffix, args.out_dir,
-            args.nproc or 4, progress,
-        )  # fmt: skip
-        print(f"wrote the class statistics of {len(stats)} labels under {args.root}")
-        return 0
-    if args.num_classes is not None:
+    folder = args.dataset == "folder"
+    if folder and (args.gt_dir is None or args.num_classes is None):
+        raise UserError("folder needs --gt-dir and --num-classes")
+    if not folder and args.num_classes is not None:
         raise UserError("--num-classes is for folder datasets (the others have 19 classes)")
     result = convert_dataset(
-        args.dataset, args.root, args.out_dir, args.gt_dir, args.nproc, progress=progress
-    )
+        args.dataset, args.root, args.out_dir, args.gt_dir, args.nproc, progress=progress,
+        num_classes=args.num_classes, seg_suffix=args.seg_suffix,
+    )  # fmt: skip
+    if folder:
+        print(f"wrote the class statistics of {len(result.stats)} labels under {args.root}")
+        return 0
     print(
         f"converted {args.dataset} at {args.root}: {len(result.stats)} files with class statistics"
     )

@@ -2,8 +2,9 @@
 
 As the original's tools/convert_datasets scripts. Each input label gets a
 `<stem>_labelTrainIds.png` beside it; the three statistics files (and for Cityscapes the split
-lists) go to the output folder. Existing files are never overwritten: an identical existing output
-is left as it is, a different one is an error.
+lists) go to the output folder. A `folder` dataset's labels are class indices already: they are
+checked, and only the statistics are written. Existing files are never overwritten: an identical
+existing output is left as it is, a different one is an error.
 """
 
 from __future__ import annotations
@@ -47,19 +48,22 @@ SPECS: dict[str, Spec] = {
     "gta": Spec(gt_dir="labels", img_dir="images", default_nproc=4),
     "synthia": Spec(gt_dir="GT/LABELS", img_dir="RGB", default_nproc=4),
     "cityscapes": Spec(gt_dir="gtFine", img_dir="leftImg8bit", default_nproc=1),
+    "folder": Spec(gt_dir="", img_dir="", default_nproc=4),  # your own; `gt_dir` is required
 }
 
 
 @dataclass(frozen=True)
 class Task:
-    """One label file to convert: how to read it and where to write (also its `file` entry)."""
+    """One label file to convert: how to read it and where to write (also its `file` entry;
+    None: nothing to write, the label is its own `file`)."""
 
     kind: str
     src: str
-    out: str
+    out: str | None
     with_stats: bool
     # the label's image, to report pairs whose sizes differ (GTA5 has some)
     image: str | None = None
+    num_classes: int | None = None  # folder: the values are checked against it
 
 
 @dataclass
@@ -102,12 +106,15 @@ _CITYSCAPES_TABLE = lookup_table(CITYSCAPES_ID_TO_TRAINID, 256)  # also GTA's pa
 _SYNTHIA_TABLE = lookup_table(SYNTHIA_ID_TO_TRAINID, 65536)
 
 
-def to_train_ids(kind: str, src: str) -> np.ndarray:
-    """Read one input label file of `kind` and map it to trainIds (255 = ignore).
+def to_train_ids(kind: str, src: str, num_classes: int | None = None) -> np.ndarray:
+    """Read one input label file of `kind` and map it to trainIds (255 = ignore); a `folder`
+    label is read as it is, its values checked against `num_classes`.
 
     Shapes:
         returns: [H, W] uint8, same size as the input label.
     """
+    if kind == "folder":
+        return io.read_label(src, num_classes)
     if kind == "gta":
         return _CITYSCAPES_TABLE[io.read_palette_indices(src)]
     if kind == "synthia":
@@ -123,23 +130,24 @@ def to_train_ids(kind: str, src: str) -> np.ndarray:
 def convert_one(task: Task) -> tuple[dict[str, int | str] | None, str | None]:
     """Convert one label file; returns its stats dict (None when stats are not kept) and a
     size-mismatch note (None when the label has its image's size or no image is known)."""
-    train_ids = to_train_ids(task.kind, task.src)
+    train_ids = to_train_ids(task.kind, task.src, task.num_classes)
     mismatch = None
     if task.image is not None:
         image_hw = io.image_size(task.image)
         if image_hw != train_ids.shape:
             (ih, iw), (lh, lw) = image_hw, train_ids.shape
             mismatch = f"{task.src}: image {iw}×{ih}, label {lw}×{lh}"
-    out = Path(task.out)
-    if out.exists():
-        if not np.array_equal(io.read_label(out), train_ids):
-            raise DataError(f"{out}: exists and differs from the conversion; remove it to redo")
-    else:
-        io.write_new_file(out, io.encode_png(train_ids))
+    if task.out is not None:
+        out = Path(task.out)
+        if out.exists():
+            if not np.array_equal(io.read_label(out), train_ids):
+                raise DataError(f"{out}: exists and differs from the conversion; remove it to redo")
+        else:
+            io.write_new_file(out, io.encode_png(train_ids))
     if not task.with_stats:
         return None, mismatch
     stats: dict[str, int | str] = dict(class_counts(train_ids))
-    stats["file"] = task.out
+    stats["file"] = task.out or task.src
     return stats, mismatch
 
 
@@ -172,6 +180,25 @@ def _cityscapes_tasks(label_root: Path) -> list[Task]:
         out = stem + OUT_SUFFIX
         tasks.append(Task("cityscapes", str(sources[stem]), out, with_stats="train/" in rel))
     return tasks
+
+
+def _folder_tasks(label_root: Path, seg_suffix: str, num_classes: int | None) -> list[Task]:
+    if num_classes is None or not 1 <= num_classes < IGNORE_INDEX:
+        raise DataError(f"--num-classes {num_classes}: expected 1..{IGNORE_INDEX - 1}")
+    labels = sorted(
+        p for p in label_root.rglob(f"*{seg_suffix}") if p.is_file() and not p.name.startswith(".")
+    )
+    if not labels:
+        raise DataError(f"{label_root}: no labels (*{seg_suffix}) found")
+    seen: dict[str, Path] = {}
+    for label in labels:
+        if label.name in seen:
+            raise DataError(
+                f"{label} and {seen[label.name]}: rare-class sampling matches labels by file "
+                "name, so names must be unique (or set data.rcs.enabled=false)"
+            )
+        seen[label.name] = label
+    return [Task("folder", str(p), None, with_stats=True, num_classes=num_classes) for p in labels]
 
 
 def _check_writable(folder: Path) -> None:
@@ -220,14 +247,14 @@ def _split_lists(root: Path) -> dict[str, str]:
     return lists
 
 
-def _run(tasks: list, nproc: int, progress: Progress, fn: Callable = convert_one) -> list:
+def _run(tasks: list[Task], nproc: int, progress: Progress) -> list:
     if nproc <= 1:
-        return [fn(t) for t in progress(tasks, len(tasks))]
+        return [convert_one(t) for t in progress(tasks, len(tasks))]
     import multiprocessing
 
     with multiprocessing.get_context().Pool(nproc) as pool:
         # imap keeps input order, so the outputs do not depend on nproc
-        return list(progress(pool.imap(fn, tasks, chunksize=8), len(tasks)))
+        return list(progress(pool.imap(convert_one, tasks, chunksize=8), len(tasks)))
 
 
 def convert_dataset(
@@ -237,19 +264,27 @@ def convert_dataset(
     gt_dir: str | None = None,
     nproc: int | None = None,
     progress: Progress | None = None,
+    num_classes: int | None = None,
+    seg_suffix: str = ".png",
 ) -> Conversion:
     """Convert every label of a dataset root and write the statistics files.
+
+    A `folder` dataset's labels (`gt_dir`, every file ending in `seg_suffix`, recursively) are
+    class indices already: each is checked (single-channel 8-bit or palette PNG, values in
+    [0, num_classes) or 255) and nothing is written but the statistics; sampling matches files by
+    name, so two labels of one name are an error.
 
     GTA/SYNTHIA image/label pairs whose sizes differ are reported (GTA5 has such pairs); their
     converted labels keep the label's size, and training resizes them to the image.
 
     Args:
-        kind: "gta", "synthia" or "cityscapes".
+        kind: "gta", "synthia", "cityscapes" or "folder".
         root: dataset root as given by the user; `file` entries are built from it.
         out_dir: where the statistics files go (default: `root`).
         gt_dir: label folder relative to `root` (default: the kind's).
         nproc: worker processes (default: 4 for GTA/SYNTHIA, 1 for Cityscapes).
         progress: `progress(iterable, total)` wraps the results, e.g. with `tqdm`.
+        num_classes, seg_suffix: folder only.
 
     Returns:
         The per-file stats dicts in sorted file order, and the size mismatches.
@@ -267,6 +302,8 @@ def convert_dataset(
         raise DataError(f"{label_root}: label folder not found")
     if kind == "cityscapes":
         tasks = _cityscapes_tasks(label_root)
+    elif kind == "folder":
+        tasks = _folder_tasks(label_root, seg_suffix, num_classes)
     else:
         tasks = _gta_synthia_tasks(kind, root, label_root)
     results = _run(tasks, nproc or spec.default_nproc, progress or (lambda it, total: it))
@@ -278,59 +315,3 @@ def convert_dataset(
     for name, text in texts.items():
         _write_text(out / name, text)
     return Conversion(stats, mismatches)
-
-
-def _folder_label_stats(task: tuple[str, int]) -> dict[str, int | str]:
-    path, num_classes = task
-    stats: dict[str, int | str] = dict(class_counts(io.read_label(path, num_classes)))
-    stats["file"] = path
-    return stats
-
-
-def folder_stats(
-    root: str | Path,
-    gt_dir: str,
-    num_classes: int,
-    seg_suffix: str = ".png",
-    out_dir: str | Path | None = None,
-    nproc: int = 4,
-    progress: Progress | None = None,
-) -> list[dict[str, int | str]]:
-    """Rare-class-sampling statistics of a `kind: folder` dataset, whose labels are class
-    indices already (nothing is converted): the three statistics files into `out_dir`.
-
-    Every label under `root/gt_dir` ending in `seg_suffix` (recursively) is read and checked:
-    single-channel 8-bit or palette PNG, values in [0, num_classes) or 255. Sampling matches
-    files by name, so two labels of one name are an error.
-
-    Returns:
-        The per-file stats dicts in sorted file order.
-    """
-    root = Path(root)
-    if not root.is_dir():
-        raise DataError(f"{root}: dataset root not found")
-    label_root = root / gt_dir
-    if not label_root.is_dir():
-        raise DataError(f"{label_root}: label folder not found")
-    if not 1 <= num_classes < IGNORE_INDEX:
-        raise DataError(f"--num-classes {num_classes}: expected 1..{IGNORE_INDEX - 1}")
-    labels = sorted(
-        p for p in label_root.rglob(f"*{seg_suffix}") if p.is_file() and not p.name.startswith(".")
-    )
-    if not labels:
-        raise DataError(f"{label_root}: no labels (*{seg_suffix}) found")
-    seen: dict[str, Path] = {}
-    for label in labels:
-        if label.name in seen:
-            raise DataError(
-                f"{label} and {seen[label.name]}: rare-class sampling matches labels by file "
-                "name, so names must be unique (or set data.rcs.enabled=false)"
-            )
-        seen[label.name] = label
-    out = Path(out_dir) if out_dir is not None else root
-    _check_writable(out)
-    tasks = [(str(p), num_classes) for p in labels]
-    stats = _run(tasks, nproc, progress or (lambda it, total: it), _folder_label_stats)
-    for name, text in stats_files(stats).items():
-        _write_text(out / name, text)
-    return stats

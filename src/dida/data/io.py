@@ -13,6 +13,7 @@ import sys
 import tempfile
 import warnings
 from collections.abc import Iterator
+from io import BytesIO
 from pathlib import Path
 
 import cv2
@@ -57,11 +58,19 @@ def _c_messages_as_warnings(path: str | Path) -> Iterator[None]:
             warnings.warn(f"{path}: {' / '.join(text.splitlines())}", RuntimeWarning, stacklevel=3)
 
 
-def read_unchanged(path: str | Path, flags: int = cv2.IMREAD_UNCHANGED) -> np.ndarray:
-    """Decode an image file with OpenCV (default: unchanged depth and channels, BGR order)."""
+def _file_bytes(path: str | Path) -> np.ndarray:
     if not Path(path).is_file():
         raise DataError(f"{path}: file not found")
-    data = np.fromfile(str(path), dtype=np.uint8)
+    return np.fromfile(str(path), dtype=np.uint8)
+
+
+def read_unchanged(path: str | Path, flags: int = cv2.IMREAD_UNCHANGED) -> np.ndarray:
+    """Decode an image file with OpenCV (default: unchanged depth and channels, BGR order)."""
+    return _decode(_file_bytes(path), flags, path)
+
+
+def _decode(data: np.ndarray, flags: int, path: str | Path) -> np.ndarray:
+    """OpenCV's decode of a file's bytes `data`; errors and C library messages name `path`."""
     array = None
     if data.size:
         with _c_messages_as_warnings(path):
@@ -96,13 +105,9 @@ def read_image(path: str | Path) -> np.ndarray:
 _PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
 
 
-def _is_palette_png(path: str | Path) -> bool:
-    """Whether `path` is a PNG of palette indices (IHDR colour type 3), from its first 26 bytes."""
-    try:
-        with open(path, "rb") as file:
-            head = file.read(26)
-    except OSError:
-        return False  # the decoder names the problem
+def _is_palette_png(data: np.ndarray) -> bool:
+    """Whether a file's bytes `data` are a PNG of palette indices (IHDR colour type 3)."""
+    head = data[:26].tobytes()
     return (
         len(head) == 26 and head[:8] == _PNG_SIGNATURE and head[12:16] == b"IHDR" and head[25] == 3
     )
@@ -118,10 +123,11 @@ def read_label(path: str | Path, num_classes: int | None = None) -> np.ndarray:
     Shapes:
         returns: [H, W] uint8.
     """
-    if _is_palette_png(path):
-        label = read_palette_indices(path)
+    data = _file_bytes(path)  # read once, decoded by PIL or OpenCV
+    if _is_palette_png(data):
+        label = read_palette_indices(path, data)
     else:
-        label = read_unchanged(path, cv2.IMREAD_UNCHANGED)
+        label = _decode(data, cv2.IMREAD_UNCHANGED, path)
         if label.ndim != 2 or label.dtype != np.uint8:
             raise DataError(
                 f"{path}: expected a single-channel 8-bit trainId label, got shape {label.shape} "
@@ -151,8 +157,9 @@ def check_label_values(label: np.ndarray, num_classes: int, path: str | Path) ->
         )
 
 
-def read_palette_indices(path: str | Path) -> np.ndarray:
-    """Read the palette indices of a 'P' (or 'L') PNG, as GTA labels store Cityscapes labelIds.
+def read_palette_indices(path: str | Path, data: np.ndarray | None = None) -> np.ndarray:
+    """Read the palette indices of a 'P' (or 'L') PNG, as GTA labels store Cityscapes labelIds
+    (from the file's bytes `data` when they were read already).
 
     Shapes:
         returns: [H, W] uint8.
@@ -160,7 +167,7 @@ def read_palette_indices(path: str | Path) -> np.ndarray:
     from PIL import Image
 
     try:
-        with Image.open(path) as image:
+        with Image.open(path if data is None else BytesIO(data.tobytes())) as image:
             image.load()
             mode = image.mode
             indices = np.array(image)

@@ -14,7 +14,6 @@ from torch.utils.data import Dataset, get_worker_info
 
 from dida.config import DataConfig, DatasetConfig
 from dida.data.datasets import SegDataset, ValDataset, build_dataset, resolve_layout
-from dida.data.labels import CLASSES
 from dida.data.rcs import RareClassSampler, load_stats
 from dida.data.transforms import crop_flip, finish, resize_pair, train_crop
 from dida.errors import DataError
@@ -137,13 +136,12 @@ def margin_mask(size: tuple[int, int], margins: tuple[int, int, int, int]) -> np
     return mask
 
 
-def convert_command(cfg: DatasetConfig) -> str:
+def convert_command(cfg: DatasetConfig, num_classes: int) -> str:
     """The `dida convert` command that writes the rare-class statistics of dataset `cfg`."""
     root = shlex.quote(str(cfg.root))
     if cfg.kind != "folder":
         return f"dida convert {cfg.kind} {root}"
     layout = resolve_layout(cfg)
-    num_classes = len(cfg.classes) if cfg.classes else len(CLASSES)
     suffix = (
         "" if layout.seg_suffix == ".png" else f" --seg-suffix {shlex.quote(layout.seg_suffix)}"
     )
@@ -159,7 +157,9 @@ def build_train_dataset(cfg: DataConfig, seed: int) -> UDADataset:
     target = build_dataset(cfg.target, with_labels=False)
     rcs = None
     if cfg.rcs.enabled:
-        stats, with_class = load_stats(cfg.source.root, convert_command(cfg.source))
+        stats, with_class = load_stats(
+            cfg.source.root, convert_command(cfg.source, len(source.classes))
+        )
         rcs = RareClassSampler(
             stats,
             with_class,
